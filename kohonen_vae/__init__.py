@@ -1,0 +1,20 @@
+"""kohonen-vae: self-organising discrete representation learning (KSOM vector quantisation) in PyTorch.
+
+Layout: geometry (grids) -> neighborhood (kernels, schedules) -> smoothing (P_t as a grid convolution)
+-> quantizers -> models -> training -> metrics/figures/report -> cli.
+"""
+from .geometry import Grid, auto_grid_shape
+from .neighborhood import (ExponentialNeighborhood, ExponentialSchedule, GaussianNeighborhood, HardNeighborhood,
+                           HarmonicSchedule, Neighborhood, NoNeighborhood, make_neighborhood)
+from .quantizers import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, NonFiniteInputError,
+                         QuantizerOutput, apply_pending_updates)
+from .smoothing import GridSmoother
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Grid", "auto_grid_shape", "Neighborhood", "NoNeighborhood", "HardNeighborhood", "ExponentialNeighborhood",
+    "GaussianNeighborhood", "HarmonicSchedule", "ExponentialSchedule", "make_neighborhood", "GridSmoother",
+    "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "QuantizerOutput",
+    "NonFiniteInputError", "apply_pending_updates", "__version__",
+]

@@ -1,0 +1,212 @@
+"""Neighborhood kernels h_t(d) and their schedules.
+
+A kernel gives the weight with which a code at grid distance ``d`` from the winner shares the winner's
+update at training step ``t``. Every kernel has ``h_t(0) = 1`` (the diagonal of P_t is 1) and is **not
+normalised**, as in the paper. A schedule gives a factor ``s(t)`` in (0, 1] that shrinks the kernel:
+
+==============  ==========================================================  ============================
+name            h_t(d) for d > 0                                            paper's name
+==============  ==========================================================  ============================
+``none``        0                                                           EMA-VQ ("no neighborhood")
+``hard``        s(t) if d < radius (1.5: the Moore neighbours), else 0      "hard"
+``exponential`` exp(-d / (sigma0 s(t)))                                     "Gaussian" (reference code)
+``gaussian``    exp(-d^2 / (2 (sigma0 s(t))^2))                             classical SOM Gaussian
+==============  ==========================================================  ============================
+
+Schedules: ``harmonic`` s(t) = 1 / (1 + tau t) (the paper's; tau = ``shrink``), and ``exponential``
+s(t) = floor + (1 - floor) exp(-t / time_constant) (classical SOM decay towards a floor).
+With the harmonic schedule, ``exponential`` is exactly the reference's exp(-d (1 + tau t) / sigma0).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: weights below this are treated as zero when a kernel is truncated to a finite stencil
+DEFAULT_CUTOFF = 1e-7
+
+
+# ------------------------------------------------------------------------------------------- schedules
+class HarmonicSchedule:
+    """s(t) = 1 / (1 + tau t): the paper's schedule, tau = ``shrink`` (0.1 by default)."""
+
+    def __init__(self, shrink: float = 0.1):
+        if shrink < 0:
+            raise ValueError(f"shrink (tau) must be >= 0, got {shrink}")
+        self.shrink = float(shrink)
+
+    def __call__(self, step: float) -> float:
+        return 1.0 / (1.0 + self.shrink * float(step))
+
+    def __repr__(self) -> str:
+        return f"HarmonicSchedule(shrink={self.shrink})"
+
+
+class ExponentialSchedule:
+    """s(t) = floor + (1 - floor) exp(-t / time_constant): decays from 1 towards ``floor``."""
+
+    def __init__(self, time_constant: float = 1000.0, floor: float = 0.01):
+        if time_constant <= 0:
+            raise ValueError(f"time_constant must be > 0, got {time_constant}")
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor}")
+        self.time_constant = float(time_constant)
+        self.floor = float(floor)
+
+    def __call__(self, step: float) -> float:
+        return self.floor + (1.0 - self.floor) * math.exp(-float(step) / self.time_constant)
+
+    def __repr__(self) -> str:
+        return f"ExponentialSchedule(time_constant={self.time_constant}, floor={self.floor})"
+
+
+SCHEDULES = {"harmonic": HarmonicSchedule, "exponential": ExponentialSchedule}
+
+
+# --------------------------------------------------------------------------------------------- kernels
+class Neighborhood:
+    """Base class. Subclasses define :meth:`profile` for d > 0 and :meth:`radius`."""
+
+    name = "base"
+    #: True when h factorises over grid axes (a product of 1-D kernels on a rectangular grid)
+    separable = False
+
+    def __init__(self, schedule=None):
+        self.schedule = schedule if schedule is not None else HarmonicSchedule()
+
+    def profile(self, distance: torch.Tensor, step: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights(self, distance: torch.Tensor, step: float) -> torch.Tensor:
+        """h_t(d) for a tensor of grid distances, with h_t(0) = 1 exactly."""
+        distance = torch.as_tensor(distance)
+        w = self.profile(distance, step)
+        return torch.where(distance == 0, torch.ones_like(w), w)
+
+    def radius(self, step: float, cutoff: float = DEFAULT_CUTOFF) -> float:
+        """Distance beyond which every weight is below ``cutoff`` (0 means: the identity)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(schedule={self.schedule!r})"
+
+
+class NoNeighborhood(Neighborhood):
+    """h(d) = [d == 0]: P = I, i.e. EMA-VQ."""
+
+    name = "none"
+
+    def profile(self, distance, step):
+        return torch.zeros_like(distance, dtype=torch.get_default_dtype() if not distance.is_floating_point() else distance.dtype)
+
+    def radius(self, step, cutoff=DEFAULT_CUTOFF):
+        return 0.0
+
+    def __repr__(self) -> str:
+        return "NoNeighborhood()"
+
+
+class HardNeighborhood(Neighborhood):
+    """h_t(d) = s(t) for 0 < d < radius (1.5: the Moore neighbours on a square grid, 6 on a hexagonal one),
+    0 beyond. The radius never shrinks; the neighbours' weight does."""
+
+    name = "hard"
+
+    def __init__(self, schedule=None, radius: float = 1.5):
+        super().__init__(schedule)
+        if radius <= 0:
+            raise ValueError(f"hard neighborhood radius must be > 0, got {radius}")
+        self.support = float(radius)
+
+    def profile(self, distance, step):
+        distance = distance.to(torch.float64) if not distance.is_floating_point() else distance
+        return torch.where(distance < self.support, torch.full_like(distance, self.schedule(step)), torch.zeros_like(distance))
+
+    def radius(self, step, cutoff=DEFAULT_CUTOFF):
+        return self.support if self.schedule(step) >= cutoff else 0.0
+
+    def __repr__(self) -> str:
+        return f"HardNeighborhood(schedule={self.schedule!r}, radius={self.support})"
+
+
+class ExponentialNeighborhood(Neighborhood):
+    """h_t(d) = exp(-d / (sigma0 s(t))): the paper's "Gaussian" as the reference code computes it."""
+
+    name = "exponential"
+
+    def __init__(self, schedule=None, sigma: float = 10.0):
+        super().__init__(schedule)
+        if sigma <= 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def width(self, step) -> float:
+        return self.sigma * self.schedule(step)
+
+    def profile(self, distance, step):
+        distance = distance.to(torch.float64) if not distance.is_floating_point() else distance
+        return torch.exp(-distance / self.width(step))
+
+    def radius(self, step, cutoff=DEFAULT_CUTOFF):
+        return -math.log(cutoff) * self.width(step)
+
+    def __repr__(self) -> str:
+        return f"ExponentialNeighborhood(schedule={self.schedule!r}, sigma={self.sigma})"
+
+
+class GaussianNeighborhood(ExponentialNeighborhood):
+    """h_t(d) = exp(-d^2 / (2 sigma(t)^2)), sigma(t) = sigma0 s(t): the classical SOM kernel."""
+
+    name = "gaussian"
+    separable = True
+
+    def profile(self, distance, step):
+        distance = distance.to(torch.float64) if not distance.is_floating_point() else distance
+        return torch.exp(-distance.square() / (2.0 * self.width(step) ** 2))
+
+    def radius(self, step, cutoff=DEFAULT_CUTOFF):
+        return math.sqrt(-2.0 * math.log(cutoff)) * self.width(step)
+
+    def __repr__(self) -> str:
+        return f"GaussianNeighborhood(schedule={self.schedule!r}, sigma={self.sigma})"
+
+
+NEIGHBORHOODS = {
+    "none": NoNeighborhood,
+    "hard": HardNeighborhood,
+    "exponential": ExponentialNeighborhood,
+    "gaussian": GaussianNeighborhood,
+}
+
+
+def make_schedule(schedule="harmonic", shrink: float = 0.1, **kwargs):
+    """A schedule from a name (``harmonic`` uses ``shrink``; ``exponential`` takes ``time_constant`` and
+    ``floor`` from ``kwargs``) or a callable ``step -> factor`` passed through."""
+    if callable(schedule):
+        return schedule
+    if schedule == "harmonic":
+        return HarmonicSchedule(shrink)
+    if schedule == "exponential":
+        return ExponentialSchedule(**kwargs)
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a callable")
+
+
+def make_neighborhood(neighborhood="hard", *, shrink: float = 0.1, sigma: float = 10.0, schedule="harmonic",
+                       **schedule_kwargs) -> Neighborhood:
+    """A kernel from a name in :data:`NEIGHBORHOODS` (or a :class:`Neighborhood`, returned as is)."""
+    if isinstance(neighborhood, Neighborhood):
+        return neighborhood
+    if neighborhood in ("gauss", "paper-gaussian"):
+        raise ValueError(
+            f"ambiguous neighborhood {neighborhood!r}: use 'exponential' for the paper's \"Gaussian\" "
+            "(exp(-d (1 + tau t) / sigma0)) or 'gaussian' for the classical exp(-d^2 / (2 sigma^2))"
+        )
+    if neighborhood not in NEIGHBORHOODS:
+        raise ValueError(f"unknown neighborhood {neighborhood!r}; choose one of {list(NEIGHBORHOODS)}")
+    sched = make_schedule(schedule, shrink, **schedule_kwargs)
+    if neighborhood == "none":
+        return NoNeighborhood(sched)
+    if neighborhood == "hard":
+        return HardNeighborhood(sched)
+    return NEIGHBORHOODS[neighborhood](sched, sigma=sigma)

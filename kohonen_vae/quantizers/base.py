@@ -1,0 +1,185 @@
+"""What every quantiser shares: input layout, nearest-code assignment, straight-through output, telemetry.
+
+The call convention follows vector-quantize-pytorch's ``VectorQuantize``::
+
+    quantized, indices, loss = vq(x)       # x: (..., dim), or (B, dim, H, W) with accept_image_fmap=True
+
+``indices`` has the input's spatial shape, ``loss`` is already weighted, and the returned tuple also
+carries ``.perplexity``, ``.used_codes`` and ``.counts`` of the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..geometry import as_grid
+
+#: the N x K distance matrix is computed in row chunks of at most this many elements (64 MiB in float32)
+DISTANCE_CHUNK_ELEMENTS = 1 << 24
+
+
+class NonFiniteInputError(ValueError):
+    """Raised when a training batch holds NaN or Inf; the codebook and its statistics are left untouched."""
+
+
+class QuantizerOutput(tuple):
+    """``(quantized, indices, loss)`` that also carries the batch's telemetry as attributes.
+
+    Attributes:
+        perplexity: exp(-sum_k p_k log(p_k + 1e-10)), p_k the share of the batch's vectors assigned to k.
+        used_codes: number of codes with at least one vector assigned in this batch.
+        counts: ``(K,)`` float32 assignment counts of the batch.
+    """
+
+    def __new__(cls, quantized, indices, loss, counts):
+        self = super().__new__(cls, (quantized, indices, loss))
+        self.counts = counts
+        return self
+
+    @property
+    def quantized(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self[1]
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self[2]
+
+    @property
+    def perplexity(self) -> torch.Tensor:
+        return perplexity_from_counts(self.counts)
+
+    @property
+    def used_codes(self) -> torch.Tensor:
+        return (self.counts > 0).sum()
+
+
+def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """exp(-sum_k p_k log(p_k + 1e-10)) with p = counts / sum(counts): K for uniform use, 1 for one code."""
+    p = counts.float() / counts.float().sum().clamp(min=1e-12)
+    return torch.exp(-(p * torch.log(p + 1e-10)).sum())
+
+
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
+                  chunk_elements: int = DISTANCE_CHUNK_ELEMENTS) -> torch.Tensor:
+    """k*(n) = argmin_k ||z_n - e_k||^2 = argmin_k (||e_k||^2 - 2 z_n . e_k), in float32.
+
+    The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most
+    ``chunk_elements`` distances.
+    """
+    with torch.no_grad():
+        z = vectors.detach().float()
+        e = codebook.detach().float()
+        e_sq = e.square().sum(1)
+        n, k = z.shape[0], e.shape[0]
+        rows = max(1, chunk_elements // max(k, 1))
+        if rows >= n:
+            return torch.addmm(e_sq, z, e.t(), alpha=-2.0).argmin(1)
+        out = torch.empty(n, dtype=torch.long, device=z.device)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            out[start:stop] = torch.addmm(e_sq, z[start:stop], e.t(), alpha=-2.0).argmin(1)
+        return out
+
+
+class VectorQuantizerBase(nn.Module):
+    """Shared forward of all quantisers; subclasses register ``codebook`` ``(K, dim)`` (a buffer or a
+    parameter) and provide two hooks:
+
+    * ``_loss(z, q, indices, counts)``: the weighted training loss (commitment, codebook, SOM terms);
+    * ``_update(z, indices, counts)``: the codebook update of a training forward (EMA/KSOM statistics).
+
+    ``z`` is the flattened ``(N, dim)`` input; ``q = codebook[indices]`` in float32.
+    """
+
+    def __init__(self, dim: int, codebook_size: int, grid_shape=None, grid_dims: int = 2, *,
+                 commitment_weight: float = 0.25, accept_image_fmap: bool = False,
+                 periodic: bool = False, topology: str = "rectangular"):
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim}")
+        if int(codebook_size) < 1:
+            raise ValueError(f"codebook_size must be a positive integer, got {codebook_size}")
+        if commitment_weight < 0:
+            raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight}")
+        self.dim = int(dim)
+        self.codebook_size = int(codebook_size)
+        self.grid = as_grid(grid_shape, self.codebook_size, grid_dims, periodic=periodic, topology=topology)
+        self.commitment_weight = float(commitment_weight)
+        self.accept_image_fmap = bool(accept_image_fmap)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    # -- layout ----------------------------------------------------------------------------------
+    def _to_vectors(self, x: torch.Tensor):
+        """(N, dim) view of the input and the spatial shape to give back to the outputs."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point tensor, got dtype {x.dtype}")
+        if self.accept_image_fmap:
+            if x.dim() != 4 or x.shape[1] != self.dim:
+                raise ValueError(
+                    f"expected an image feature map of shape (batch, {self.dim}, height, width) "
+                    f"(accept_image_fmap=True), got {tuple(x.shape)}"
+                )
+            spatial = (x.shape[0],) + tuple(x.shape[2:])
+            return x.permute(0, 2, 3, 1).reshape(-1, self.dim), spatial
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            hint = " (for (B, C, H, W) feature maps pass accept_image_fmap=True)" if x.dim() == 4 and x.shape[1] == self.dim else ""
+            raise ValueError(f"expected input of shape (..., {self.dim}) (channel last), got {tuple(x.shape)}{hint}")
+        return x.reshape(-1, self.dim), tuple(x.shape[:-1])
+
+    def _from_vectors(self, flat: torch.Tensor, spatial) -> torch.Tensor:
+        if self.accept_image_fmap:
+            b, h, w = spatial
+            return flat.reshape(b, h, w, self.dim).permute(0, 3, 1, 2)
+        return flat.reshape(tuple(spatial) + (self.dim,))
+
+    # -- codes -----------------------------------------------------------------------------------
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors ``(..., dim)`` of indices ``(...)``; ``(B, dim, H, W)`` for ``(B, H, W)`` indices
+        when ``accept_image_fmap=True``."""
+        indices = torch.as_tensor(indices, device=self.codebook.device)
+        if indices.dtype not in (torch.long, torch.int, torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+            raise ValueError(f"indices must lie in [0, {self.codebook_size}), got range "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        codes = F.embedding(indices.long(), self.codebook)
+        if self.accept_image_fmap and indices.dim() == 3:
+            return codes.permute(0, 3, 1, 2)
+        return codes
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        z, spatial = self._to_vectors(x)
+        indices = nearest_codes(z, self.codebook)
+        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        q = F.embedding(indices, self.codebook)  # looked up before this step's update
+        loss = self._loss(z, q, indices, counts)
+        if self.training:
+            self._update(z, indices, counts)
+        out = z + (q.to(z.dtype) - z).detach()  # straight-through estimator
+        return QuantizerOutput(self._from_vectors(out, spatial), indices.reshape(spatial), loss, counts)
+
+    def _loss(self, z, q, indices, counts) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update(self, z, indices, counts) -> None:
+        pass
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, grid={self.grid!r}"
+
+
+def check_finite(stats: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(stats).all()):
+        raise NonFiniteInputError(
+            f"{what} contains NaN or Inf; the codebook and its statistics were left unchanged. "
+            "Check the encoder output (learning rate, loss scaling, data normalisation)."
+        )
+

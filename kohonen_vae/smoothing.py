@@ -1,0 +1,158 @@
+"""Smoothing per-code statistics over the grid: ``X~ = P_t X`` with ``P_t[j, k] = h_t(d(j, k))``.
+
+This is the whole neighborhood part of a KSOM update. ``X`` is ``(K, C)``: the batch's counts and sums
+packed side by side. Because ``h_t`` depends only on the coordinate offset, ``P_t X`` is a convolution
+over the grid, and it never needs the ``K x K`` matrix (16 GiB at K = 65,536). Methods:
+
+``identity``   P = I (EMA-VQ, or a kernel whose off-diagonal weights all fell below the cutoff)
+``dense``      an explicit ``K x K`` P (small maps only; cached distances)
+``stencil``    a truncated kernel: one shifted add per lattice offset within the kernel's radius
+``separable``  one small ``s_i x s_i`` matrix per axis (Gaussian kernel on a rectangular grid)
+``fft``        a zero-padded (or, on a torus, circular) FFT convolution, O(K C log K)
+
+``method="auto"`` picks the cheapest exact-enough one for the current step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .geometry import Grid
+from .neighborhood import DEFAULT_CUTOFF, Neighborhood
+
+METHODS = ("auto", "identity", "dense", "stencil", "separable", "fft")
+
+#: auto uses the dense matrix up to this many codes (P is then at most 4 MiB)
+DENSE_MAX_CODES = 1024
+#: auto uses a stencil while the kernel has at most this many taps
+STENCIL_MAX_TAPS = 49
+
+
+class GridSmoother:
+    """Applies ``P_t`` of a neighborhood on a grid to per-code statistics ``(K, C)``.
+
+    Args:
+        grid: the :class:`~kohonen_vae.geometry.Grid` of the codebook.
+        neighborhood: the kernel h_t.
+        method: one of :data:`METHODS`.
+        cutoff: weights below this count as zero when truncating the kernel (stencil, identity).
+    """
+
+    def __init__(self, grid: Grid, neighborhood: Neighborhood, method: str = "auto", cutoff: float = DEFAULT_CUTOFF):
+        if method not in METHODS:
+            raise ValueError(f"unknown smoothing method {method!r}; choose one of {METHODS}")
+        if method == "separable" and not (neighborhood.separable and grid.topology == "rectangular"):
+            raise ValueError("method='separable' needs a separable kernel ('gaussian') on a rectangular grid")
+        self.grid = grid
+        self.neighborhood = neighborhood
+        self.method = method
+        self.cutoff = float(cutoff)
+        self._distance_cache: dict = {}
+
+    # -- which method ----------------------------------------------------------------------------
+    def choose(self, step: float) -> str:
+        """The method used at ``step``."""
+        radius = self.neighborhood.radius(step, self.cutoff)
+        if self.method != "auto":
+            return self.method
+        if radius <= 1.0:  # the nearest other code is at distance 1
+            return "identity"
+        if self.grid.size <= DENSE_MAX_CODES:
+            return "dense"
+        if self._tap_count(radius) <= STENCIL_MAX_TAPS:
+            return "stencil"
+        if self.neighborhood.separable and self.grid.topology == "rectangular":
+            return "separable"
+        return "fft"
+
+    def _tap_count(self, radius: float) -> int:
+        # the number of lattice points in a d-ball of this radius, bounded by the grid
+        if radius > 8:  # cheap upper bound without enumerating
+            return math.prod(min(2 * math.ceil(radius) + 1, s) for s in self.grid.shape)
+        return len(self.grid.lattice_offsets(radius))
+
+    def matrix(self, step: float, device=None) -> torch.Tensor:
+        """The dense ``(K, K)`` P_t (diagonal 1, not normalised). O(K^2): small maps and tests only."""
+        return self.neighborhood.weights(self._distances(device), step).to(torch.float32)
+
+    def __call__(self, stats: torch.Tensor, step: float) -> torch.Tensor:
+        """``P_t @ stats`` for ``stats`` of shape ``(K, C)``."""
+        if stats.dim() != 2 or stats.shape[0] != self.grid.size:
+            raise ValueError(f"expected statistics of shape ({self.grid.size}, C), got {tuple(stats.shape)}")
+        method = self.choose(step)
+        if method == "identity":
+            return stats
+        if method == "dense":
+            return self.matrix(step, stats.device).to(stats.dtype) @ stats
+        if method == "stencil":
+            return self._stencil(stats, step)
+        if method == "separable":
+            return self._separable(stats, step)
+        return self._fft(stats, step)
+
+    # -- implementations -------------------------------------------------------------------------
+    def _distances(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._distance_cache:
+            self._distance_cache[key] = self.grid.distance_matrix().to(device)
+        return self._distance_cache[key]
+
+    def _stencil(self, stats: torch.Tensor, step: float) -> torch.Tensor:
+        grid = self.grid
+        radius = self.neighborhood.radius(step, self.cutoff)
+        taps = grid.lattice_offsets(radius)
+        weights = self.neighborhood.weights(grid.offset_distance(taps), step).tolist()
+        src = grid.grid_view(stats)  # (s_{d-1}, ..., s_0, C): grid axis i is tensor dim d-1-i
+        out = torch.zeros_like(src)
+        d = grid.ndim
+        for tap, w in zip(taps.tolist(), weights):
+            if w < self.cutoff:
+                continue
+            if grid.periodic:  # out[c] += w in[c + tap]
+                shifted = torch.roll(src, shifts=[-o for o in reversed(tap)], dims=list(range(d)))
+                out.add_(shifted, alpha=w)
+                continue
+            dst_idx, src_idx = [], []
+            for o, s in zip(reversed(tap), reversed(grid.shape)):
+                dst_idx.append(slice(max(0, -o), s - max(0, o)))
+                src_idx.append(slice(max(0, o), s - max(0, -o)))
+            out[tuple(dst_idx)].add_(src[tuple(src_idx)], alpha=w)
+        return out.reshape(stats.shape)
+
+    def _axis_matrix(self, axis: int, step: float, device) -> torch.Tensor:
+        s = self.grid.shape[axis]
+        a = torch.arange(s, dtype=torch.float64)
+        delta = (a[None, :] - a[:, None]).abs()
+        if self.grid.periodic:
+            delta = torch.minimum(delta, s - delta)
+        return self.neighborhood.weights(delta, step).to(device=device, dtype=torch.float32)
+
+    def _separable(self, stats: torch.Tensor, step: float) -> torch.Tensor:
+        grid = self.grid
+        x = grid.grid_view(stats)
+        for axis in range(grid.ndim):
+            dim = grid.ndim - 1 - axis
+            m = self._axis_matrix(axis, step, stats.device).to(stats.dtype)
+            x = torch.movedim(torch.tensordot(m, x, dims=([1], [dim])), 0, dim)
+        return x.reshape(stats.shape)
+
+    def _fft(self, stats: torch.Tensor, step: float) -> torch.Tensor:
+        grid = self.grid
+        d = grid.ndim
+        sizes = list(reversed(grid.shape))  # tensor order
+        lengths = sizes if grid.periodic else [2 * s for s in sizes]
+        # offsets of the FFT lattice, centred: index j <-> j if j < L/2 else j - L (tensor order)
+        axes = [torch.arange(L) for L in lengths]
+        axes = [torch.where(a < (L + 1) // 2, a, a - L) for a, L in zip(axes, lengths)]
+        mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (L_{d-1}, ..., L_0, d) tensor order
+        offsets = mesh.flip(-1)  # grid order (o_0, ..., o_{d-1})
+        kernel = self.neighborhood.weights(grid.offset_distance(offsets), step).to(device=stats.device,
+                                                                                   dtype=torch.float32)
+        x = grid.grid_view(stats).float()
+        x = torch.movedim(x, -1, 0)  # (C, ...grid)
+        dims = list(range(1, d + 1))
+        spec = torch.fft.rfftn(x, s=lengths, dim=dims) * torch.fft.rfftn(kernel, s=lengths, dim=list(range(d)))
+        y = torch.fft.irfftn(spec, s=lengths, dim=dims)
+        y = y[(slice(None),) + tuple(slice(0, s) for s in sizes)]
+        return torch.movedim(y, 0, -1).reshape(stats.shape).to(stats.dtype)

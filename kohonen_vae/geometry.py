@@ -204,7 +204,8 @@ class Grid:
         reach = [min(math.ceil(radius * (2.0 if self.topology == "hexagonal" else 1.0)), s - 1) for s in self.shape]
         ranges = [range(-r, r + 1) for r in reach]
         cand = torch.tensor(list(itertools.product(*ranges)), dtype=torch.long).reshape(-1, self.ndim)
-        cand = cand[self.offset_distance(cand) < radius]
+        dist = self.offset_distance(cand)
+        cand = cand[(dist < radius) | (dist == 0)]
         if self.periodic:
             sizes = torch.tensor(self.shape)
             cand = torch.unique(torch.remainder(cand, sizes), dim=0)

@@ -1,0 +1,141 @@
+"""Every smoothing method against an explicit P built here from the kernel formulas of the spec."""
+import math
+
+import pytest
+import torch
+
+from kohonen_vae.geometry import Grid
+from kohonen_vae.neighborhood import (ExponentialSchedule, HarmonicSchedule, make_neighborhood)
+from kohonen_vae.smoothing import DENSE_MAX_CODES, GridSmoother
+
+TAU, SIGMA = 0.1, 10.0
+
+
+def reference_weight(name, d, t, tau=TAU, sigma=SIGMA):
+    """h_t(d) written straight from the spec, one float at a time."""
+    if d == 0:
+        return 1.0
+    if name == "none":
+        return 0.0
+    if name == "hard":
+        return 1.0 / (1.0 + tau * t) if d < 1.5 else 0.0
+    if name == "exponential":
+        return math.exp(-d * (1.0 + tau * t) / sigma)
+    if name == "gaussian":
+        width = sigma / (1.0 + tau * t)
+        return math.exp(-d * d / (2 * width * width))
+    raise AssertionError(name)
+
+
+def reference_distance(grid, j, k):
+    """Grid distance from coordinates computed with divmod (first axis fastest), independent of Grid."""
+    def coords(i):
+        out = []
+        for s in grid.shape:
+            i, c = divmod(i, s)
+            out.append(c)
+        return out
+
+    cj, ck = coords(j), coords(k)
+    best = math.inf
+    wraps = [(-1, 0, 1) if grid.periodic else (0,)] * grid.ndim
+    import itertools
+    for w in itertools.product(*wraps):
+        delta = [b - a + wi * s for a, b, wi, s in zip(cj, ck, w, grid.shape)]
+        if grid.topology == "hexagonal":
+            x, y = delta[0] + delta[1] / 2, delta[1] * math.sqrt(3) / 2
+            delta = [x, y]
+        best = min(best, math.sqrt(sum(v * v for v in delta)))
+    return best
+
+
+def reference_matrix(grid, name, t):
+    k = grid.size
+    return torch.tensor([[reference_weight(name, reference_distance(grid, i, j), t) for j in range(k)]
+                         for i in range(k)], dtype=torch.float64)
+
+
+GRIDS = [Grid((12,)), Grid((6, 5)), Grid((6, 5), periodic=True), Grid((6, 5), topology="hexagonal"),
+         Grid((5, 6), topology="hexagonal", periodic=True), Grid((3, 4, 2)), Grid((2, 3), periodic=True)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=repr)
+@pytest.mark.parametrize("name", ["none", "hard", "exponential", "gaussian"])
+@pytest.mark.parametrize("t", [0, 7, 60])
+def test_every_method_equals_explicit_matrix(grid, name, t):
+    torch.manual_seed(0)
+    stats = torch.rand(grid.size, 5) * 10
+    expected = (reference_matrix(grid, name, t) @ stats.double()).float()
+    kernel = make_neighborhood(name, shrink=TAU, sigma=SIGMA)
+    methods = ["dense", "stencil", "fft"]
+    if name == "gaussian" and grid.topology == "rectangular":
+        methods.append("separable")
+    for method in methods:
+        out = GridSmoother(grid, kernel, method=method)(stats, t)
+        # the stencil truncates weights below 1e-7; fft is float32 arithmetic
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-4), (method, (out - expected).abs().max())
+    auto = GridSmoother(grid, kernel)(stats, t)
+    assert torch.allclose(auto, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_matrix_is_symmetric_with_unit_diagonal_and_not_normalised():
+    grid = Grid((8, 4))
+    p = GridSmoother(grid, make_neighborhood("exponential")).matrix(0)
+    assert torch.allclose(p, p.t())
+    assert torch.all(p.diagonal() == 1)
+    # at t = 0 an input at the centre of 32x16 writes total weight ~215 (the spec's figure), ~5 at t = 100
+    big = GridSmoother(Grid((32, 16)), make_neighborhood("exponential")).matrix(0)
+    assert float(big.sum(0).max()) == pytest.approx(215, abs=1)
+    late = GridSmoother(Grid((32, 16)), make_neighborhood("exponential")).matrix(100)
+    assert float(late.sum(0).max()) == pytest.approx(5.4, abs=0.1)
+
+
+def test_auto_method_choice():
+    big = Grid((128, 64))
+    assert big.size > DENSE_MAX_CODES
+    assert GridSmoother(big, make_neighborhood("none")).choose(0) == "identity"
+    assert GridSmoother(big, make_neighborhood("hard")).choose(0) == "stencil"
+    assert GridSmoother(big, make_neighborhood("exponential")).choose(0) == "fft"
+    assert GridSmoother(big, make_neighborhood("gaussian")).choose(0) == "separable"
+    # late in training the exponential kernel has no weight left beyond the winner: EMA-VQ
+    assert GridSmoother(big, make_neighborhood("exponential")).choose(100_000) == "identity"
+    assert GridSmoother(big, make_neighborhood("exponential")).choose(500) == "stencil"
+    assert GridSmoother(Grid((32, 16)), make_neighborhood("hard")).choose(0) == "dense"
+
+
+def test_large_grid_fast_methods_agree_with_each_other():
+    # 4096 codes: no explicit matrix in the test either; compare stencil/fft/separable pairwise
+    grid = Grid((64, 64))
+    torch.manual_seed(1)
+    stats = torch.rand(grid.size, 3)
+    hard = make_neighborhood("hard")
+    a = GridSmoother(grid, hard, "stencil")(stats, 3)
+    b = GridSmoother(grid, hard, "fft")(stats, 3)
+    assert torch.allclose(a, b, atol=1e-4)
+    gauss = make_neighborhood("gaussian", sigma=3.0)
+    c = GridSmoother(grid, gauss, "separable")(stats, 0)
+    d = GridSmoother(grid, gauss, "fft")(stats, 0)
+    assert torch.allclose(c, d, rtol=1e-4, atol=1e-3)
+
+
+def test_schedules():
+    h = HarmonicSchedule(0.1)
+    assert h(0) == 1.0 and h(10) == pytest.approx(0.5) and h(90) == pytest.approx(0.1)
+    e = ExponentialSchedule(time_constant=100, floor=0.2)
+    assert e(0) == 1.0 and e(100) == pytest.approx(0.2 + 0.8 / math.e) and e(1e9) == pytest.approx(0.2)
+    k = make_neighborhood("gaussian", sigma=4.0, schedule="exponential", time_constant=10, floor=0.5)
+    assert float(k.weights(torch.tensor(2.0), 0)) == pytest.approx(math.exp(-4 / 32))
+    assert float(k.weights(torch.tensor(2.0), 1e9)) == pytest.approx(math.exp(-4 / 8))
+
+
+def test_bad_neighbourhood_arguments():
+    with pytest.raises(ValueError, match="unknown neighborhood"):
+        make_neighborhood("mexican-hat")
+    with pytest.raises(ValueError, match="'exponential' for the paper"):
+        make_neighborhood("gauss")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_neighborhood("hard", schedule="cosine")
+    with pytest.raises(ValueError, match="separable"):
+        GridSmoother(Grid((4, 4), topology="hexagonal"), make_neighborhood("gaussian"), "separable")
+    with pytest.raises(ValueError, match=r"\(16, C\)"):
+        GridSmoother(Grid((4, 4)), make_neighborhood("hard"))(torch.zeros(15, 2), 0)

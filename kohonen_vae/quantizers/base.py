@@ -163,7 +163,8 @@ class VectorQuantizerBase(nn.Module):
         loss = self._loss(z, q, indices, counts)
         if self.training:
             self._update(z, indices, counts)
-        out = z + (q.to(z.dtype) - z).detach()  # straight-through estimator
+        # straight-through estimator z + sg(q - z), written so that the forward value is exactly q
+        out = q.detach().to(z.dtype) + (z - z.detach())
         return QuantizerOutput(self._from_vectors(out, spatial), indices.reshape(spatial), loss, counts)
 
     def _loss(self, z, q, indices, counts) -> torch.Tensor:

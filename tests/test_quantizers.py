@@ -1,0 +1,311 @@
+"""Quantisers against an independent dense implementation of the spec's equations, and their contracts."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kohonen_vae import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, NonFiniteInputError,
+                         apply_pending_updates)
+from kohonen_vae.quantizers import perplexity_from_counts
+
+
+# ----------------------------------------------------------------------------- the dense reference
+def dense_neighbourhood(shape, name, t, tau=0.1, sigma=10.0):
+    """P_t (K x K) in float64 from divmod coordinates (first axis fastest) and the spec's kernels."""
+    k = math.prod(shape)
+    coords = []
+    for i in range(k):
+        c = []
+        for s in shape:
+            i, r = divmod(i, s)
+            c.append(r)
+        coords.append(c)
+    c = torch.tensor(coords, dtype=torch.float64)
+    d = torch.cdist(c, c)
+    if name == "none":
+        p = torch.zeros_like(d)
+    elif name == "hard":
+        p = torch.where(d < 1.5, torch.full_like(d, 1 / (1 + tau * t)), torch.zeros_like(d))
+    elif name == "exponential":
+        p = torch.exp(-d * (1 + tau * t) / sigma)
+    elif name == "gaussian":
+        p = torch.exp(-d ** 2 / (2 * (sigma / (1 + tau * t)) ** 2))
+    p.fill_diagonal_(1.0)
+    return p
+
+
+class DenseReference:
+    """The reference implementation's O(N K^2) formulation: one-hot(N x K) @ P, then the EMA equations."""
+
+    def __init__(self, codebook, shape, name, decay=0.99, eps=1e-5, n0=1.0, update_unused=True):
+        self.e = codebook.double().clone()
+        self.m = self.e.clone()
+        self.n = torch.full((len(self.e),), float(n0), dtype=torch.float64)
+        self.shape, self.name, self.g, self.eps, self.update_unused = shape, name, decay, eps, update_unused
+        self.t = 0
+
+    def step(self, z):
+        z = z.double()
+        idx = torch.cdist(z, self.e).argmin(1)
+        k = len(self.e)
+        onehot = F.one_hot(idx, k).double() @ dense_neighbourhood(self.shape, self.name, self.t)  # N x K
+        c, s = onehot.sum(0), onehot.t() @ z
+        g = self.g
+        if self.update_unused:
+            n = g * self.n + (1 - g) * c
+            total = n.sum()
+            self.n = (n + self.eps) / (total + k * self.eps) * total
+            self.m = g * self.m + (1 - g) * s
+            self.e = self.m / self.n[:, None]
+        else:
+            hit = c > 0
+            self.n = torch.where(hit, g * self.n + (1 - g) * c, self.n)
+            self.m = torch.where(hit[:, None], g * self.m + (1 - g) * s, self.m)
+            self.e = torch.where(hit[:, None], self.m / self.n.clamp(min=1e-300)[:, None], self.e)
+        self.t += 1
+        return idx
+
+
+def batches(n_steps, n=96, dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(6, dim, generator=gen) * 1.5
+    for _ in range(n_steps):
+        z = centres[torch.randint(0, 6, (n,), generator=gen)] + 0.5 * torch.randn(n, dim, generator=gen)
+        yield z
+
+
+CASES = list(itertools.product(["none", "hard", "exponential", "gaussian"], [(16,), (8, 4)], [0.0, 1.0], [True, False]))
+
+
+@pytest.mark.parametrize("name, shape, n0, update_unused", CASES)
+def test_matches_dense_reference_over_20_steps(name, shape, n0, update_unused):
+    torch.manual_seed(0)
+    k = math.prod(shape)
+    vq = KohonenQuantizer(8, k, grid_shape=shape, neighborhood=name, count_init=n0, update_unused=update_unused)
+    ref = DenseReference(vq.codebook, shape, name, n0=n0, update_unused=update_unused)
+    vq.train()
+    for z in batches(20):
+        _, idx, _ = vq(z)
+        ref_idx = ref.step(z)
+        assert torch.equal(idx, ref_idx)
+        scale = ref.e.abs().max()
+        assert torch.allclose(vq.codebook.double(), ref.e, rtol=1e-5, atol=1e-5 * float(scale))
+        assert torch.allclose(vq.cluster_size.double(), ref.n, rtol=1e-5, atol=1e-7)
+    assert int(vq.step) == 20
+
+
+def test_zero_count_init_kills_unused_codes_without_neighbourhood_but_not_with_it():
+    # the robustness finding in miniature: N0 = 0 blows unused codes up to ~e0/eps under EMA-VQ
+    norms = {}
+    for name in ("none", "hard"):
+        torch.manual_seed(0)
+        vq = KohonenQuantizer(8, 32, grid_shape=(8, 4), neighborhood=name, count_init=0.0).train()
+        for z in batches(3, n=16):
+            vq(z)
+        norms[name] = vq.codebook.norm(dim=1)
+    assert int((norms["none"] > 1e3).sum()) > 10
+    assert int((norms["hard"] > 1e3).sum()) < int((norms["none"] > 1e3).sum())
+
+
+def test_ema_quantizer_is_kohonen_without_neighbourhood():
+    torch.manual_seed(3)
+    a = KohonenQuantizer(8, 32, neighborhood="none", count_init=0.5)
+    torch.manual_seed(3)
+    b = EMAQuantizer(8, 32, count_init=0.5)
+    for z in batches(10):
+        qa, ia, la = a(z)
+        qb, ib, lb = b(z)
+        assert torch.equal(ia, ib) and torch.equal(qa, qb) and torch.equal(la, lb)
+    for name in ("codebook", "cluster_size", "embed_sum", "step"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+    assert type(b).forward is KohonenQuantizer.forward and type(b)._apply_statistics is KohonenQuantizer._apply_statistics
+
+
+# ------------------------------------------------------------------------------------ the call convention
+def test_call_convention_channel_last_and_image_fmap():
+    torch.manual_seed(0)
+    vq = KohonenQuantizer(16, 64).eval()
+    x = torch.randn(2, 5, 3, 16)
+    quantized, indices, loss = vq(x)
+    assert quantized.shape == x.shape and indices.shape == (2, 5, 3)
+    assert torch.equal(quantized, vq.codebook[indices])
+    assert loss.shape == () and float(loss) == pytest.approx(0.25 * float(((quantized - x) ** 2).mean()), rel=1e-5)
+    fmap = KohonenQuantizer(16, 64, accept_image_fmap=True).eval()
+    fmap.load_state_dict(vq.state_dict())
+    xf = x.permute(0, 3, 1, 2)
+    qf, idf, _ = fmap(xf)
+    assert idf.shape == (2, 5, 3) and torch.equal(idf, indices)
+    assert torch.equal(qf, quantized.permute(0, 3, 1, 2))
+    assert torch.equal(fmap.get_codes_from_indices(idf), qf)
+    assert torch.equal(vq.get_codes_from_indices(indices), quantized)
+
+
+def test_straight_through_gradient_and_commitment_gradient():
+    vq = KohonenQuantizer(4, 16, commitment_weight=0.5).train()
+    x = torch.randn(10, 4, requires_grad=True)
+    out = vq(x)
+    (out.quantized * torch.arange(4.0)).sum().backward(retain_graph=True)
+    assert torch.allclose(x.grad, torch.arange(4.0).expand(10, 4))  # identity through the quantiser
+    x.grad = None
+    out.loss.backward()
+    expected = 0.5 * 2 * (x.detach() - out.quantized.detach()) / x.numel()
+    assert torch.allclose(x.grad, expected, atol=1e-7)
+
+
+def test_telemetry_in_the_output():
+    vq = KohonenQuantizer(2, 4, grid_shape=(4,)).eval()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]]))
+    x = torch.tensor([[0.1, 0], [0, 0.2], [9.9, 0], [10, 0.1]])
+    out = vq(x)
+    assert out.counts.tolist() == [2, 2, 0, 0]
+    assert int(out.used_codes) == 2
+    assert float(out.perplexity) == pytest.approx(2.0, rel=1e-6)
+    assert float(perplexity_from_counts(torch.tensor([5.0, 0, 0, 0]))) == pytest.approx(1.0, rel=1e-6)
+    assert float(perplexity_from_counts(torch.ones(8))) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_eval_mode_does_not_update():
+    vq = KohonenQuantizer(8, 32).eval()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    vq(torch.randn(50, 8))
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_state_dict_round_trip_continues_exactly():
+    torch.manual_seed(0)
+    a = KohonenQuantizer(8, 32, neighborhood="exponential")
+    data = list(batches(10))
+    for z in data[:5]:
+        a(z)
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    assert set(state) == {"step", "codebook", "embed_sum", "cluster_size"}
+    torch.manual_seed(123)  # a different init that the state must overwrite
+    b = KohonenQuantizer(8, 32, neighborhood="exponential")
+    b.load_state_dict(state)
+    assert int(b.step) == 5
+    for z in data[5:]:
+        qa, ia, _ = a(z)
+        qb, ib, _ = b(z)
+        assert torch.equal(ia, ib) and torch.equal(qa, qb)
+    assert torch.equal(a.codebook, b.codebook)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    whole = KohonenQuantizer(8, 32, neighborhood="hard")
+    torch.manual_seed(0)
+    accum = KohonenQuantizer(8, 32, neighborhood="hard", update_in_forward=False)
+    model = torch.nn.Sequential(accum)
+    for z in batches(5, n=64):
+        whole(z)
+        accum(z[:40])
+        accum(z[40:])
+        assert int(accum.step) == int(whole.step) - 1  # nothing applied until the optimiser step
+        assert apply_pending_updates(model) == 1
+        assert torch.allclose(accum.codebook, whole.codebook, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="update_in_forward=False"):
+        whole.apply_update()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+def test_wrong_shapes_name_the_expected_shape():
+    vq = KohonenQuantizer(64, 512)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 64\)"):
+        vq(torch.randn(4, 32))
+    with pytest.raises(ValueError, match="accept_image_fmap=True"):
+        vq(torch.randn(2, 64, 8, 8))
+    fmap = KohonenQuantizer(64, 512, accept_image_fmap=True)
+    with pytest.raises(ValueError, match=r"\(batch, 64, height, width\)"):
+        fmap(torch.randn(2, 8, 8, 64))
+    with pytest.raises(ValueError, match="floating-point"):
+        vq(torch.ones(3, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        vq.get_codes_from_indices(torch.tensor([512]))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="holds 64 codes but codebook_size is 512"):
+        KohonenQuantizer(8, 512, grid_shape=(8, 8))
+    with pytest.raises(ValueError, match="unknown neighborhood"):
+        KohonenQuantizer(8, 16, neighborhood="bubble")
+    with pytest.raises(ValueError, match="decay"):
+        KohonenQuantizer(8, 16, decay=1.0)
+    with pytest.raises(ValueError, match="count_init"):
+        KohonenQuantizer(8, 16, count_init=-1)
+    with pytest.raises(ValueError, match="no neighbourhood"):
+        EMAQuantizer(8, 16, neighborhood="hard")
+    with pytest.raises(ValueError, match="target"):
+        GDSOMQuantizer(8, 16, target="centroid")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("in_forward", [True, False])
+def test_non_finite_training_input_raises_before_touching_buffers(bad, in_forward):
+    vq = KohonenQuantizer(8, 32, update_in_forward=in_forward).train()
+    for z in batches(2):
+        vq(z)
+    before = {k: v.clone() for k, v in vq.named_buffers()}
+    z = torch.randn(20, 8)
+    z[3, 2] = bad
+    with pytest.raises(NonFiniteInputError, match="left unchanged"):
+        vq(z)
+    for k, v in vq.named_buffers():
+        assert torch.equal(v, before[k]), k
+
+
+def test_bf16_input_gives_bf16_output_and_float32_statistics():
+    torch.manual_seed(0)
+    a = KohonenQuantizer(8, 32)
+    b = KohonenQuantizer(8, 32)
+    b.load_state_dict(a.state_dict())
+    for z in batches(5):
+        zb = z.bfloat16()
+        qa, _, la = a(zb)
+        qb, _, _ = b(zb.float())
+        assert qa.dtype == torch.bfloat16 and la.dtype == torch.float32
+    assert a.codebook.dtype == torch.float32 and a.embed_sum.dtype == torch.float32
+    assert torch.allclose(a.codebook, b.codebook, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, _, _ = a(torch.randn(4, 8))
+    assert torch.isfinite(q.float()).all()
+
+
+# ------------------------------------------------------------------------------ gradient quantisers
+def test_gradient_quantizer_loss_formula():
+    torch.manual_seed(0)
+    vq = GradientQuantizer(4, 8, commitment_weight=0.25).train()
+    x = torch.randn(12, 4, requires_grad=True)
+    q, idx, loss = vq(x)
+    e = vq.codebook[idx]
+    expected = ((e - x.detach()) ** 2).mean() + 0.25 * ((e.detach() - x) ** 2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    loss.backward()
+    assert vq.codebook.grad is not None and float(vq.codebook.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("target", ["winner", "input"])
+@pytest.mark.parametrize("name", ["hard", "exponential"])
+def test_gdsom_loss_equals_dense_formula(target, name):
+    torch.manual_seed(0)
+    shape = (4, 3)
+    vq = GDSOMQuantizer(4, 12, grid_shape=shape, neighborhood=name, target=target, som_weight=0.7).train()
+    with torch.no_grad():
+        vq.step.fill_(3)
+    x = torch.randn(20, 4)
+    out = vq(x)
+    w = vq.codebook
+    idx = out.indices
+    tgt = (w[idx] if target == "winner" else x).detach()
+    h = dense_neighbourhood(shape, name, 3).float()[idx]  # N x K rows h(k*(n), k)
+    som = (h * ((w[None, :, :] - tgt[:, None, :]) ** 2).sum(-1)).sum(1).mean()
+    base = ((w[idx] - x) ** 2).mean() + 0.25 * ((w[idx].detach() - x) ** 2).mean()
+    expected = base + 0.7 * som
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    g_impl = torch.autograd.grad(out.loss, w)[0]
+    g_ref = torch.autograd.grad(expected, w)[0]
+    assert torch.allclose(g_impl, g_ref, rtol=1e-4, atol=1e-6)
+    assert int(vq.step) == 4

@@ -434,6 +434,20 @@ def test_download_verifies_md5_and_extracts(tmp_path, monkeypatch):
     assert len(opened) == 1  # found on disk: no second download
 
 
+def test_download_keeps_an_incomplete_copy_aside(tmp_path, monkeypatch):
+    xs, ys = fake_cifar_arrays(seed=6)
+    blob = fake_tarball(tmp_path, xs, ys)
+    monkeypatch.setattr(kcifar, "_urlopen", lambda url: io.BytesIO(blob))
+    monkeypatch.setattr(kcifar, "CIFAR10_MD5", hashlib.md5(blob).hexdigest())
+    root = tmp_path / "data"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"user's partial copy")
+    s = load_splits("cifar10", data_dir=root, download=True)
+    assert len(s.test) == 6
+    aside = [p for p in root.iterdir() if p.name.startswith("cifar-10-batches-py.incomplete-")]
+    assert len(aside) == 1 and (aside[0] / "data_batch_1").read_bytes() == b"user's partial copy"
+
+
 def test_download_checksum_mismatch_raises_and_leaves_nothing(tmp_path, monkeypatch):
     xs, ys = fake_cifar_arrays(seed=5)
     blob = fake_tarball(tmp_path, xs, ys)

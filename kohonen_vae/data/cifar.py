@@ -12,6 +12,7 @@ import pickle
 import shutil
 import tarfile
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -196,8 +197,8 @@ def extract_cifar10(tarball: Path, root: Path) -> Path:
         layout = find_layout(tmpdir / PICKLE_DIR)
         if layout is None:
             raise ValueError(f"{tarball} does not contain {PICKLE_DIR}/{{{', '.join(PICKLE_FILES)}}}")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # an incomplete copy (a complete one would have been used): keep it aside, never delete
+            os.replace(final, final.with_name(f"{PICKLE_DIR}.incomplete-{int(time.time())}"))
         os.replace(tmpdir / PICKLE_DIR, final)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

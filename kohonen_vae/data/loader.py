@@ -232,7 +232,8 @@ def load_splits(name: str, data_dir=None, image_size: Optional[int] = None, val_
     utkface64 and folder use mean = std = 0.5 (pixels to [-1, 1]).
     Data roots: ``data_dir``, else ``$KOHONEN_VAE_DATA``, else ``./data`` then ``<checkout>/../shared/data``; a dataset
     sits in ``<root>/<name>/`` or ``<root>``. Decoded arrays are cached as ``.npy`` in ``$KOHONEN_VAE_CACHE``
-    (default ``~/.cache/kohonen_vae``). Raises DatasetNotFoundError (what was looked at, how to get it) or
+    (default ``~/.cache/kohonen_vae``). ``download=True`` (cifar10 only) fetches the md5-checked python tarball into
+    the first root (``data_dir``, ``$KOHONEN_VAE_DATA`` or ``./data``) when no copy is found. Raises DatasetNotFoundError (what was looked at, how to get it) or
     ValueError for an unknown name.
     """
     t0 = time.perf_counter()

@@ -336,11 +336,32 @@ def render_report(runs: Sequence[Run], images: Sequence[torch.Tensor], title: st
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
+def format_key_metrics(runs: Sequence[Run]) -> str:
+    """Plain-text table of each run's headline numbers (per level): validation MSE of the evaluated
+    checkpoint, perplexity, used codes, topographic error and map smoothness."""
+    header = ("run", "method", "level", "val MSE", "perplexity", "used", "topo err", "map smooth")
+    rows = []
+    for r in runs:
+        for level in r.model.level_names:
+            m = lambda k: r.metrics.get(f"{level}/{k}")  # noqa: E731
+            rows.append((r.path.name, r.label, level, _plain(r.metrics.get("recon_mse")), _plain(m("perplexity")),
+                         _plain(m("used_codes")), _plain(m("topographic_error")), _plain(m("map_smoothness"))))
+    widths = [max(len(x[i]) for x in [header] + rows) for i in range(len(header))]
+    line = lambda x: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(x, widths)))  # noqa: E731
+    return "\n".join([line(header)] + [line(x) for x in rows])
+
+
+def _plain(v) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
 def write_report(run_dirs, out_path=None, *, checkpoint: str = "last", max_images: int | None = None,
-                 device=None, batch_size: int = 256, title: str | None = None, progress: bool = False) -> Path:
+                 device=None, batch_size: int = 256, title: str | None = None, progress: bool = False,
+                 echo: bool = False) -> Path:
     """Load the runs, evaluate their codebooks on their validation images, draw every figure and write one
     self-contained HTML file atomically; returns its path. Default ``out_path``: ``RUN_DIR/report.html`` for
-    one run, ``report.html`` in the runs' common parent folder for several."""
+    one run, ``report.html`` in the runs' common parent folder for several. ``echo`` prints
+    :func:`format_key_metrics` of the runs."""
     from .metrics import evaluate_codebook
     from .training.checkpoint import atomic_write_text
 
@@ -364,6 +385,8 @@ def write_report(run_dirs, out_path=None, *, checkpoint: str = "last", max_image
         images.append(imgs)
         run.metrics, run.counts = evaluate_codebook(run.model, imgs, run.normalizer, batch_size=batch_size,
                                                     progress=progress, return_counts=True)
+    if echo:
+        print(format_key_metrics(runs))
     text = render_report(runs, images, title)
     out_path = Path(out_path)
     atomic_write_text(out_path, text)
@@ -393,7 +416,7 @@ def run(args) -> int:
         raise ConfigError(f"--max-images must be a positive integer, got {args.max_images}")
     try:
         path = write_report(args.run_dirs, args.out, checkpoint=args.checkpoint, max_images=args.max_images,
-                            device=args.device, title=args.title, progress=True)
+                            device=args.device, title=args.title, progress=True, echo=True)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
     print(f"report: {path}")
@@ -429,3 +452,20 @@ def register(subcommands: dict) -> dict:
     subcommands["report"] = SUBCOMMAND
     return subcommands
 
+
+def main(argv=None) -> int:
+    """``python -m kohonen_vae.report RUN_DIR [RUN_DIR ...]``: the same as ``kohonen-vae report``."""
+    from .data import DatasetNotFoundError
+    from .models.factory import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m kohonen_vae.report", description=SUBCOMMAND[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except (ConfigError, DatasetNotFoundError) as e:
+        print(f"kohonen-vae report: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

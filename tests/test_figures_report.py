@@ -192,7 +192,9 @@ def test_report_of_tiny_runs_is_self_contained_and_complete(tmp_path, capsys):
     out = tmp_path / "cmp.html"
     assert report.run(parser.parse_args([str(tmp_path / "ksom"), str(tmp_path / "ema"), "--out", str(out),
                                          "--device", "cpu"])) == 0
-    assert f"report: {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"report: {out}" in printed
+    assert "map smooth" in printed and "KSOM-hard" in printed and "EMA-VQ" in printed
     text = out.read_text()
     # curves + offset + per run (reconstructions, mosaic, U-matrix) + KSOM neighbourhood
     assert check_self_contained(text) == 2 + 3 + 3 + 1

@@ -429,9 +429,13 @@ SUBCOMMAND = ("write a self-contained HTML report (figures, metrics, comparison)
 
 
 def write_report_hook(run_dir, summary=None) -> None:
-    """End-of-training hook ``(run_dir, summary)``: writes ``run_dir/report.html`` and prints its path. A
-    failure is reported on stderr and does not fail the (already saved) run."""
+    """End-of-training hook ``(run_dir, summary)``: writes ``run_dir/report.html`` and prints its path, unless
+    the run's config sets ``train.report = false``. A failure is reported on stderr and does not fail the
+    (already saved) run."""
     try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+        if config.get("train", {}).get("report", True) is False:
+            return
         path = write_report([run_dir], Path(run_dir) / "report.html")
         print(f"report: {path}")
     except Exception as e:  # the run itself is complete and saved; the report can be redone with `report`

@@ -17,6 +17,13 @@ from ..geometry import as_grid
 
 #: the N x K distance matrix is computed in row chunks of at most this many elements (64 MiB in float32)
 DISTANCE_CHUNK_ELEMENTS = 1 << 24
+#: single-threaded CPU: rows go in cache-sized blocks of about this many distances (1 MiB, within one core's
+#: L2), so argmin reads the GEMM output from cache: 1.5-1.9x faster assignment (docs/performance.md). With
+#: several threads every block is one more parallel region (a barrier), which cost more than it saved on a
+#: shared 2-core machine, so multi-threaded runs keep the memory-bound chunks.
+CPU_CACHE_BLOCK_ELEMENTS = 1 << 18
+#: fewest rows per cache block (keeps the GEMM efficient for very large K)
+CPU_CACHE_BLOCK_MIN_ROWS = 64
 
 
 class NonFiniteInputError(ValueError):
@@ -69,7 +76,7 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
     """k*(n) = argmin_k ||z_n - e_k||^2 = argmin_k (||e_k||^2 - 2 z_n . e_k), in float32.
 
     The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most
-    ``chunk_elements`` distances.
+    ``chunk_elements`` distances (smaller, cache-sized ones on a single-threaded CPU).
     """
     with torch.no_grad():
         z = vectors.detach().float()
@@ -77,6 +84,8 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
         e_sq = e.square().sum(1)
         n, k = z.shape[0], e.shape[0]
         rows = max(1, chunk_elements // max(k, 1))
+        if z.device.type == "cpu" and torch.get_num_threads() == 1:
+            rows = min(rows, max(CPU_CACHE_BLOCK_MIN_ROWS, CPU_CACHE_BLOCK_ELEMENTS // max(k, 1)))
         if rows >= n:
             return torch.addmm(e_sq, z, e.t(), alpha=-2.0).argmin(1)
         out = torch.empty(n, dtype=torch.long, device=z.device)

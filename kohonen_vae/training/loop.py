@@ -179,10 +179,14 @@ def train(config: dict, out_dir, *, resume: bool = False, splits=None) -> dict:
     """
     cfg = resolve_config(config)
     t_cfg, out = cfg["train"], Path(out_dir)
+    group_existed = dist.is_available() and dist.is_initialized()
     device = setup_distributed(t_cfg["device"])
     world, rank = distributed.world_size(), distributed.rank()
     master = rank == 0
+    owns_group = world > 1 and not group_existed
     ckpt = _prepare_run_dir(out, cfg, resume)  # every rank reads the same files; only rank 0 writes
+    if world > 1:
+        dist.barrier()  # nobody looks at the run directory after this point while rank 0 writes to it
 
     # data
     splits = _load_data(cfg, splits)
@@ -355,6 +359,9 @@ def train(config: dict, out_dir, *, resume: bool = False, splits=None) -> dict:
         # REPORT HOOK: "write report at end of training" runs here (see END_OF_TRAINING_HOOKS).
         for hook in END_OF_TRAINING_HOOKS:
             hook(out, summary)
+    if owns_group:  # the group was created for this run: leave cleanly (after rank 0 has written everything)
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
 
 

@@ -48,7 +48,10 @@ class GridSmoother:
         self.neighborhood = neighborhood
         self.method = method
         self.cutoff = float(cutoff)
-        self._distance_cache: dict = {}
+        # step-independent geometry, computed once: P_t changes with t only through h_t
+        self._distance_cache: dict = {}  # device -> (unique grid distances (U,), inverse index (K, K))
+        self._fft_cache: dict = {}  # device -> grid distances of the FFT lattice's offsets
+        self._taps_cache: tuple | None = None  # (radius, taps (M, d), tap distances (M,)) of the last radius
 
     # -- which method ----------------------------------------------------------------------------
     def choose(self, step: float) -> str:
@@ -70,11 +73,21 @@ class GridSmoother:
         # the number of lattice points in a d-ball of this radius, bounded by the grid
         if radius > 8:  # cheap upper bound without enumerating
             return math.prod(min(2 * math.ceil(radius) + 1, s) for s in self.grid.shape)
-        return len(self.grid.lattice_offsets(radius))
+        return len(self._taps(radius)[0])
+
+    def _taps(self, radius: float):
+        """Lattice offsets within ``radius`` and their grid distances (cached for the last radius used: the
+        hard kernel's never changes, a shrinking kernel's is asked twice per step)."""
+        if self._taps_cache is None or self._taps_cache[0] != radius:
+            taps = self.grid.lattice_offsets(radius)
+            self._taps_cache = (radius, taps, self.grid.offset_distance(taps))
+        return self._taps_cache[1], self._taps_cache[2]
 
     def matrix(self, step: float, device=None) -> torch.Tensor:
         """The dense ``(K, K)`` P_t (diagonal 1, not normalised). O(K^2): small maps and tests only."""
-        return self.neighborhood.weights(self._distances(device), step).to(torch.float32)
+        unique, inverse = self._distances(device)
+        # h_t of the few distinct grid distances, gathered: the same values as h_t of every entry
+        return self.neighborhood.weights(unique, step).to(torch.float32)[inverse]
 
     def __call__(self, stats: torch.Tensor, step: float) -> torch.Tensor:
         """``P_t @ stats`` for ``stats`` of shape ``(K, C)``."""
@@ -92,17 +105,19 @@ class GridSmoother:
         return self._fft(stats, step)
 
     # -- implementations -------------------------------------------------------------------------
-    def _distances(self, device) -> torch.Tensor:
+    def _distances(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct grid distances ``(U,)`` and the ``(K, K)`` index of each pair's distance in them."""
         key = str(device)
         if key not in self._distance_cache:
-            self._distance_cache[key] = self.grid.distance_matrix().to(device)
+            unique, inverse = torch.unique(self.grid.distance_matrix(), return_inverse=True)
+            self._distance_cache[key] = (unique.to(device), inverse.to(device=device, dtype=torch.int32))
         return self._distance_cache[key]
 
     def _stencil(self, stats: torch.Tensor, step: float) -> torch.Tensor:
         grid = self.grid
         radius = self.neighborhood.radius(step, self.cutoff)
-        taps = grid.lattice_offsets(radius)
-        weights = self.neighborhood.weights(grid.offset_distance(taps), step).tolist()
+        taps, tap_distances = self._taps(radius)
+        weights = self.neighborhood.weights(tap_distances, step).tolist()
         src = grid.grid_view(stats)  # (s_{d-1}, ..., s_0, C): grid axis i is tensor dim d-1-i
         out = torch.zeros_like(src)
         d = grid.ndim
@@ -143,12 +158,14 @@ class GridSmoother:
         sizes = list(reversed(grid.shape))  # tensor order
         lengths = sizes if grid.periodic else [2 * s for s in sizes]
         # offsets of the FFT lattice, centred: index j <-> j if j < L/2 else j - L (tensor order)
-        axes = [torch.arange(L) for L in lengths]
-        axes = [torch.where(a < (L + 1) // 2, a, a - L) for a, L in zip(axes, lengths)]
-        mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (L_{d-1}, ..., L_0, d) tensor order
-        offsets = mesh.flip(-1)  # grid order (o_0, ..., o_{d-1})
-        kernel = self.neighborhood.weights(grid.offset_distance(offsets), step).to(device=stats.device,
-                                                                                   dtype=torch.float32)
+        key = str(stats.device)
+        if key not in self._fft_cache:
+            axes = [torch.arange(L) for L in lengths]
+            axes = [torch.where(a < (L + 1) // 2, a, a - L) for a, L in zip(axes, lengths)]
+            mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (L_{d-1}, ..., L_0, d) tensor order
+            offsets = mesh.flip(-1)  # grid order (o_0, ..., o_{d-1})
+            self._fft_cache[key] = grid.offset_distance(offsets).to(stats.device)
+        kernel = self.neighborhood.weights(self._fft_cache[key], step).to(device=stats.device, dtype=torch.float32)
         x = grid.grid_view(stats).float()
         x = torch.movedim(x, -1, 0)  # (C, ...grid)
         dims = list(range(1, d + 1))

@@ -47,6 +47,7 @@ def run_train(args) -> int:
     if args.data_dir:
         config.setdefault("data", {})["data_dir"] = args.data_dir
     out = Path(args.out) if args.out else Path("runs") / name
+    _enable_training_report()
     summary = train(config, out, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank (the process group is gone by now)
         print(f"done: {summary['steps']} steps, best validation MSE {_fmt(summary['best_val_recon'], '.5f')} "
@@ -68,6 +69,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="parent folder of the two runs (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo config's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the demo config")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report comparing the two runs")
 
 
 def _fmt(v, spec: str) -> str:
@@ -93,6 +95,7 @@ def run_demo(args) -> int:
     for key, (label, qcfg) in DEMO_METHODS.items():
         cfg = json.loads(json.dumps(base))
         cfg["model"]["quantizer"] = {**cfg["model"].get("quantizer", {}), **qcfg}
+        cfg["train"]["report"] = False  # one report comparing both runs is written below instead
         run_dir = parent / key
         if (run_dir / "config.json").is_file():  # a previous demo's output: start over
             shutil.rmtree(run_dir)
@@ -102,8 +105,17 @@ def run_demo(args) -> int:
         rows.append((label, summary, time.perf_counter() - t_run))
     print()
     print(format_comparison(rows))
+    report_path = None
+    if not args.no_report:
+        try:
+            from .report import write_report
+        except ImportError:
+            write_report = None
+        if write_report is not None:
+            report_path = write_report([parent / k for k in DEMO_METHODS], parent / "report.html")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s. Outputs: " + ", ".join(str(parent / k) for k in DEMO_METHODS)
-          + " (config.json, metrics.jsonl, summary.json, checkpoints/best.pt)")
+          + " (config.json, metrics.jsonl, summary.json, checkpoints/)"
+          + (f"; comparison report: {report_path}" if report_path else ""))
     return 0
 
 
@@ -140,9 +152,33 @@ SUBCOMMANDS = {
 }
 
 
+def _register_optional_subcommands() -> None:
+    """REPORT HOOK: ``report`` and ``reproduce`` come from their modules' ``SUBCOMMAND`` entries."""
+    import importlib
+
+    for name in ("report", "reproduce"):
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ImportError:
+            continue
+        entry = getattr(module, "SUBCOMMAND", None)
+        if entry is not None:
+            SUBCOMMANDS.setdefault(name, entry)
+
+
+def _enable_training_report() -> None:
+    """REPORT HOOK: ``kohonen-vae train`` writes run/report.html at the end (unless train.report = false)."""
+    try:
+        from .report import enable_training_report
+    except ImportError:
+        return
+    enable_training_report()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
+    _register_optional_subcommands()
     parser = argparse.ArgumentParser(prog="kohonen-vae", description="KSOM vector quantisation and VQ-VAEs "
                                      "(Irie, Csordas & Schmidhuber, arXiv 2302.07950)")
     parser.add_argument("--version", action="version", version=f"kohonen-vae {__version__}")

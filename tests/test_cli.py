@@ -94,7 +94,8 @@ def test_train_and_resume_from_the_run_directory(tmp_path, capsys):
 
 
 def test_demo_writes_a_table_and_one_run_per_method(tmp_path, capsys):
-    shrink = ["--set", "model.channels=32", "--set", "model.res_channels=8", "--set", "data.val_max_images=32"]
+    shrink = ["--set", "model.channels=32", "--set", "model.res_channels=8", "--set", "data.val_max_images=32",
+              "--no-report"]
     assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2"] + shrink) == 0
     text = capsys.readouterr().out
     assert "EMA-VQ" in text and "KSOM-hard" in text and "best val MSE" in text and "+20% step" in text

@@ -57,13 +57,14 @@ TRAIN_DEFAULTS = {
     "test_at_end": True,      # evaluate the final model on the test split if the dataset has one
     "progress": True,         # tqdm progress bar
     "tensorboard": False,     # also write TensorBoard events to <run>/tensorboard (needs tensorboard)
+    "report": True,           # write <run>/report.html at the end (when the report hook is enabled, as the CLI does)
 }
 
 DEFAULTS = {"seed": 0, "data": DATA_DEFAULTS, "model": {}, "train": TRAIN_DEFAULTS}
 
 #: keys that may differ when resuming a run (everything else must match the saved config.json)
 RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.tensorboard", "train.device", "data.data_dir",
-                     "train.test_at_end", "train.data_on_device"}
+                     "train.test_at_end", "train.data_on_device", "train.report"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -129,7 +130,7 @@ def resolve_config(config: dict) -> dict:
              f"train.betas must be two numbers in [0, 1), got {betas!r}")
     t["betas"] = [float(b) for b in betas]
     t["lr"] = float(t["lr"])
-    for k in ("bf16", "test_at_end", "progress", "tensorboard"):
+    for k in ("bf16", "test_at_end", "progress", "tensorboard", "report"):
         _require(isinstance(t[k], bool), f"train.{k} must be true or false, got {t[k]!r}")
     _require(t["data_on_device"] in ("auto", True, False), "train.data_on_device must be auto, true or false")
     _require(isinstance(t["device"], str), f"train.device must be a string such as auto, cpu or cuda, got {t['device']!r}")

@@ -242,3 +242,21 @@ def test_cifar10_layouts_through_the_trainer(layout, tmp_path, monkeypatch):
     info = json.loads((tmp_path / "run" / "data.json").read_text())
     assert info["layout"] == layout and info["sizes"] == {"train": 96, "val": 24, "test": 24}
     assert summary["steps"] == 4 and summary["test"]["images"] == 24 and summary["best_val_recon"] > 0
+
+
+def test_tensorboard_request_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ConfigError, match="pip install 'kohonen-vae\\[tensorboard\\]'"):
+        train(tiny("train.tensorboard=true", "train.max_steps=1"), tmp_path / "tb")
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path):
+    fp32 = train(tiny("train.max_steps=2", "train.eval_every=2", "train.test_at_end=false"), tmp_path / "fp32")
+    bf16 = train(tiny("train.max_steps=2", "train.eval_every=2", "train.test_at_end=false", "train.bf16=true"),
+                 tmp_path / "bf16")
+    assert bf16["best_val_recon"] == pytest.approx(fp32["best_val_recon"], rel=0.05)
+    assert bf16["best_val_recon"] != fp32["best_val_recon"]  # autocast really changed the arithmetic

@@ -9,6 +9,8 @@ carries ``.perplexity``, ``.used_codes`` and ``.counts`` of the batch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,20 +73,33 @@ def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p + 1e-10)).sum())
 
 
+#: device types that have an autocast mode (others, e.g. ``meta``, reject ``torch.autocast``)
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+
+
+def autocast_disabled(device: torch.device):
+    """A context that turns autocast off on ``device``: inside a bf16/fp16 autocast region, distances and
+    codebook statistics are still computed in float32 (autocast would run ``addmm``/``mm`` in bf16)."""
+    if device.type in _AUTOCAST_DEVICE_TYPES:
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
                   chunk_elements: int = DISTANCE_CHUNK_ELEMENTS) -> torch.Tensor:
     """k*(n) = argmin_k ||z_n - e_k||^2 = argmin_k (||e_k||^2 - 2 z_n . e_k), in float32.
 
     The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most
-    ``chunk_elements`` distances (smaller, cache-sized ones on a single-threaded CPU).
+    ``chunk_elements`` distances (smaller, cache-sized ones on a single-threaded CPU). Autocast is off
+    inside: the distances are float32 even in a bf16/fp16 autocast region.
     """
-    with torch.no_grad():
+    with torch.no_grad(), autocast_disabled(vectors.device):
         z = vectors.detach().float()
         e = codebook.detach().float()
         e_sq = e.square().sum(1)
         n, k = z.shape[0], e.shape[0]
         rows = max(1, chunk_elements // max(k, 1))
-        if z.device.type == "cpu" and torch.get_num_threads() == 1:
+        if z.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
             rows = min(rows, max(CPU_CACHE_BLOCK_MIN_ROWS, CPU_CACHE_BLOCK_ELEMENTS // max(k, 1)))
         if rows >= n:
             return torch.addmm(e_sq, z, e.t(), alpha=-2.0).argmin(1)
@@ -93,6 +108,15 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
             stop = min(start + rows, n)
             out[start:stop] = torch.addmm(e_sq, z[start:stop], e.t(), alpha=-2.0).argmin(1)
         return out
+
+
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """c_k = #{n : k*(n) = k}, ``(K,)`` float32. Under torch.compile an integer scatter-add (a static output
+    shape) replaces ``bincount``, whose data-dependent shape would break the graph; both are exact."""
+    if torch.compiler.is_compiling():
+        ones = torch.ones_like(indices)
+        return torch.zeros(codebook_size, dtype=indices.dtype, device=indices.device).scatter_add_(0, indices, ones).float()
+    return torch.bincount(indices, minlength=codebook_size).float()
 
 
 class VectorQuantizerBase(nn.Module):
@@ -167,7 +191,7 @@ class VectorQuantizerBase(nn.Module):
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         z, spatial = self._to_vectors(x)
         indices = nearest_codes(z, self.codebook)
-        counts = torch.bincount(indices, minlength=self.codebook_size).float()
+        counts = code_counts(indices, self.codebook_size)
         q = F.embedding(indices, self.codebook)  # looked up before this step's update
         loss = self._loss(z, q, indices, counts)
         if self.training:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import distributed
 from ..neighborhood import make_neighborhood
 from ..smoothing import GridSmoother
-from .base import VectorQuantizerBase, check_finite
+from .base import VectorQuantizerBase, autocast_disabled, check_finite
 
 
 class KohonenQuantizer(VectorQuantizerBase):
@@ -117,7 +117,12 @@ class KohonenQuantizer(VectorQuantizerBase):
 
     @torch.no_grad()
     def _apply_statistics(self, stats: torch.Tensor) -> None:
-        """One KSOM/EMA step from raw batch statistics ``(K, 1 + D)`` = [counts | sums]."""
+        """One KSOM/EMA step from raw batch statistics ``(K, 1 + D)`` = [counts | sums], in float32 even
+        inside an autocast region."""
+        with autocast_disabled(stats.device):
+            self._apply_statistics_float32(stats)
+
+    def _apply_statistics_float32(self, stats: torch.Tensor) -> None:
         if distributed.should_sync(self.sync_codebook):
             distributed.all_reduce_sum_(stats)  # one packed collective per training step
         check_finite(stats, "the training batch (summed over ranks)" if distributed.world_size() > 1 else "the training batch")

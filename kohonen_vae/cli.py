@@ -43,6 +43,8 @@ def run_train(args) -> int:
     else:
         config = load_config_file(args.config)
         name = Path(args.config).stem
+        if name == "config":  # a run's config.json: rerun it beside the original
+            name = Path(args.config).resolve().parent.name + "-rerun"
     config = apply_overrides(config, args.set)
     if args.data_dir:
         config.setdefault("data", {})["data_dir"] = args.data_dir

@@ -152,6 +152,8 @@ def test_config_validation_errors(tmp_path):
         resolve_config({"optimizer": {}})
     with pytest.raises(ConfigError, match="not an option of the 'ema' quantizer"):
         resolve_config({"model": {"quantizer": {"type": "ema", "neighborhood": "hard"}}})
+    with pytest.raises(ConfigError, match="unknown data.name 'cifar100'.*utkface64"):
+        resolve_config({"data": {"name": "cifar100"}})
     with pytest.raises(ConfigError, match="train.batch_size"):
         resolve_config({"train": {"batch_size": 0}})
     with pytest.raises(ConfigError, match="at least 64"):  # vqvae2 on the 32x32 sample

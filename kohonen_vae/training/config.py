@@ -113,6 +113,13 @@ def resolve_config(config: dict) -> dict:
     _require(_is_int(cfg["seed"]) and cfg["seed"] >= 0, f"seed must be a non-negative integer, got {cfg['seed']!r}")
     d, t = cfg["data"], cfg["train"]
     _require(isinstance(d["name"], str) and d["name"] != "", f"data.name must be a dataset name, got {d['name']!r}")
+    try:
+        from ..data import DATASETS
+    except ImportError:  # pragma: no cover - data layer absent
+        DATASETS = None
+    if DATASETS is not None:
+        _require(d["name"] in DATASETS or (d["name"].startswith("folder:") and len(d["name"]) > 7),
+                 f"unknown data.name {d['name']!r}; valid: {', '.join(DATASETS)}, folder:PATH")
     _require(d["image_size"] is None or (_is_int(d["image_size"]) and d["image_size"] > 0),
              f"data.image_size must be a positive integer or absent, got {d['image_size']!r}")
     _require(isinstance(d["val_fraction"], (int, float)) and 0 < d["val_fraction"] < 1,

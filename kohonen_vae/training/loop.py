@@ -147,8 +147,11 @@ def _load_data(cfg: dict, splits):
     from ..data import load_splits  # imported lazily: the data layer is only needed when no splits are given
 
     d = cfg["data"]
-    return load_splits(d["name"], data_dir=d["data_dir"], image_size=d["image_size"], val_fraction=d["val_fraction"],
-                       split_seed=d["split_seed"], download=d["download"])
+    try:
+        return load_splits(d["name"], data_dir=d["data_dir"], image_size=d["image_size"],
+                           val_fraction=d["val_fraction"], split_seed=d["split_seed"], download=d["download"])
+    except ValueError as e:  # bad name/size/fraction, or files that are not what the layout promises
+        raise ConfigError(f"data ({d['name']}): {e}") from e
 
 
 def _prepare_run_dir(out: Path, cfg: dict, resume: bool):

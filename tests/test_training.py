@@ -262,3 +262,16 @@ def test_bf16_autocast_tracks_fp32(tmp_path):
                  tmp_path / "bf16")
     assert bf16["best_val_recon"] == pytest.approx(fp32["best_val_recon"], rel=0.05)
     assert bf16["best_val_recon"] != fp32["best_val_recon"]  # autocast really changed the arithmetic
+
+
+def test_deferred_codebook_updates_are_applied_once_per_step(tmp_path):
+    """update_in_forward=False defers the KSOM update to after the optimiser step (apply_pending_updates);
+    the loss uses the codes from before the update either way, so both runs must be identical."""
+    common = ["train.max_steps=4", "train.eval_every=2", "train.log_every=2", "train.test_at_end=false"]
+    now = train(tiny(*common), tmp_path / "in_forward")
+    deferred = train(tiny(*common, "model.quantizer.update_in_forward=false"), tmp_path / "deferred")
+    assert deferred["evals"] == now["evals"]
+    a = load_checkpoint(tmp_path / "in_forward" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "deferred" / "checkpoints" / "last.pt")["model"]
+    assert int(b["quantizers.0.step"]) == 4
+    torch.testing.assert_close(a["quantizers.0.codebook"], b["quantizers.0.codebook"])

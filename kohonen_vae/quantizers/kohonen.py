@@ -125,7 +125,11 @@ class KohonenQuantizer(VectorQuantizerBase):
     def _apply_statistics_float32(self, stats: torch.Tensor) -> None:
         if distributed.should_sync(self.sync_codebook):
             distributed.all_reduce_sum_(stats)  # one packed collective per training step
-        check_finite(stats, "the training batch (summed over ranks)" if distributed.world_size() > 1 else "the training batch")
+        # one reduction first: a finite sum means every entry is finite (NaN and +-Inf propagate); the
+        # elementwise check (4 more passes) only runs to tell a non-finite entry from an overflowing sum
+        if not bool(torch.isfinite(stats.sum())):
+            check_finite(stats, "the training batch (summed over ranks)" if distributed.world_size() > 1
+                         else "the training batch")
         smoothed = self.smoother(stats, int(self.step))
         counts, sums = smoothed[:, 0], smoothed[:, 1:]
         g = self.decay
@@ -133,16 +137,18 @@ class KohonenQuantizer(VectorQuantizerBase):
             size = g * self.cluster_size + (1 - g) * counts
             n = size.sum()
             size = (size + self.eps) / (n + self.codebook_size * self.eps) * n
-            embed_sum = g * self.embed_sum + (1 - g) * sums
-            codebook = embed_sum / size.unsqueeze(1)
+            # in place, with the same roundings as g * m + (1 - g) * S and m / N: two fewer (K, D) passes
+            self.embed_sum.mul_(g).add_((1 - g) * sums)
+            self.cluster_size.copy_(size)
+            torch.div(self.embed_sum, size.unsqueeze(1), out=self.codebook)
         else:
             hit = counts > 0
             size = torch.where(hit, g * self.cluster_size + (1 - g) * counts, self.cluster_size)
             embed_sum = torch.where(hit[:, None], g * self.embed_sum + (1 - g) * sums, self.embed_sum)
             codebook = torch.where(hit[:, None], embed_sum / size.clamp(min=1e-30).unsqueeze(1), self.codebook)
-        self.cluster_size.copy_(size)
-        self.embed_sum.copy_(embed_sum)
-        self.codebook.copy_(codebook)
+            self.cluster_size.copy_(size)
+            self.embed_sum.copy_(embed_sum)
+            self.codebook.copy_(codebook)
         self.step.add_(1)
 
     def neighborhood_matrix(self, step=None) -> torch.Tensor:

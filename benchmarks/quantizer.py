@@ -161,10 +161,11 @@ def build_method(name: str, k: int, d: int, step: int, device="cpu"):
 
 def skip_reason(name: str, k: int, n: int, args) -> str:
     """Why a method has no entry at this K (a table cell)."""
-    if name == "dense" and k > args.dense_max_k:
-        return f"not run (K > --dense-max-k {args.dense_max_k})"
+    dense_gib = (5 * n * k + 3 * k * k) * 4 / 2**30
+    if name == "dense" and dense_gib * 2**30 > DENSE_MAX_BYTES:
+        return f"does not fit ({dense_gib:.0f} GiB)"
     if name == "dense":
-        return f"does not fit ({(5 * n * k + 3 * k * k) * 4 / 2**30:.0f} GiB)"
+        return f"not run (K > --dense-max-k {args.dense_max_k})"
     if name == "vq" and args.vq:
         return f"does not fit (~6 N K floats = {6 * n * k * 4 / 2**30:.0f} GiB)"
     return "n/a"

@@ -6,7 +6,7 @@ import torch
 
 from kohonen_vae.geometry import Grid
 from kohonen_vae.neighborhood import (ExponentialSchedule, HarmonicSchedule, make_neighborhood)
-from kohonen_vae.smoothing import DENSE_MAX_CODES, GridSmoother
+from kohonen_vae.smoothing import GridSmoother
 
 TAU, SIGMA = 0.1, 10.0
 
@@ -92,7 +92,6 @@ def test_matrix_is_symmetric_with_unit_diagonal_and_not_normalised():
 
 def test_auto_method_choice():
     big = Grid((128, 64))
-    assert big.size > DENSE_MAX_CODES
     assert GridSmoother(big, make_neighborhood("none")).choose(0) == "identity"
     assert GridSmoother(big, make_neighborhood("hard")).choose(0) == "stencil"
     assert GridSmoother(big, make_neighborhood("exponential")).choose(0) == "fft"
@@ -100,7 +99,9 @@ def test_auto_method_choice():
     # late in training the exponential kernel has no weight left beyond the winner: EMA-VQ
     assert GridSmoother(big, make_neighborhood("exponential")).choose(100_000) == "identity"
     assert GridSmoother(big, make_neighborhood("exponential")).choose(500) == "stencil"
-    assert GridSmoother(Grid((32, 16)), make_neighborhood("hard")).choose(0) == "dense"
+    assert GridSmoother(Grid((32, 16)), make_neighborhood("hard")).choose(0) == "stencil"
+    assert GridSmoother(Grid((32, 16)), make_neighborhood("exponential")).choose(0) == "fft"
+    assert GridSmoother(Grid((32, 16)), make_neighborhood("gaussian")).choose(0) == "separable"
 
 
 def test_large_grid_fast_methods_agree_with_each_other():

@@ -119,6 +119,15 @@ def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return torch.bincount(indices, minlength=codebook_size).float()
 
 
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The straight-through estimator z + sg(q - z), written ``q + (z - sg(z))`` so that its value is
+    exactly ``q``; the gradient to ``z`` is the identity. Without a gradient to carry it is just ``q``.
+    (A custom autograd.Function saving the two passes made torch.compile's results drift from eager.)"""
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return q
+    return q + (z - z.detach())
+
+
 class VectorQuantizerBase(nn.Module):
     """Shared forward of all quantisers; subclasses register ``codebook`` ``(K, dim)`` (a buffer or a
     parameter) and provide two hooks:
@@ -196,8 +205,7 @@ class VectorQuantizerBase(nn.Module):
         loss = self._loss(z, q, indices, counts)
         if self.training:
             self._update(z, indices, counts)
-        # straight-through estimator z + sg(q - z), written so that the forward value is exactly q
-        out = q.detach().to(z.dtype) + (z - z.detach())
+        out = straight_through(z, q.detach().to(z.dtype))
         return QuantizerOutput(self._from_vectors(out, spatial), indices.reshape(spatial), loss, counts)
 
     def _loss(self, z, q, indices, counts) -> torch.Tensor:

@@ -50,11 +50,10 @@ def figure_png_bytes(fig, dpi: int = DPI) -> bytes:
 
 def save_figure(fig, path, dpi: int = DPI) -> Path:
     """Save ``fig`` as PNG at ``path`` atomically (temp file + fsync + os.replace); returns the path."""
-    from .training.checkpoint import atomic_write
+    from .fileio import atomic_write_bytes
 
     path = Path(path)
-    data = figure_png_bytes(fig, dpi)
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write_bytes(path, figure_png_bytes(fig, dpi))
     return path
 
 

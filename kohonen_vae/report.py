@@ -363,7 +363,7 @@ def write_report(run_dirs, out_path=None, *, checkpoint: str = "last", max_image
     one run, ``report.html`` in the runs' common parent folder for several. ``echo`` prints
     :func:`format_key_metrics` of the runs."""
     from .metrics import evaluate_codebook
-    from .training.checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     run_dirs = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not run_dirs:

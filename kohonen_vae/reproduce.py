@@ -322,7 +322,8 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     from . import figures
     from .report import evaluation_images, load_run, render_report
     from .metrics import evaluate_codebook
-    from .training.checkpoint import atomic_write_text, read_metrics
+    from .fileio import atomic_write_text
+    from .training.checkpoint import read_metrics
 
     root = Path(out_dir) / experiment
     exp = EXPERIMENTS[experiment]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kohonen_vae.training import (ConfigError, ResumeError, ShardedBatchSampler, apply_overrides, convergence_steps,
                                   evaluate, load_checkpoint, load_config_file, load_model, read_metrics, resolve_config,
                                   train)
+from kohonen_vae import fileio
 from kohonen_vae.training import checkpoint as checkpoint_mod
 
 TIMING_FIELDS = {"step_time_s", "images_per_s", "time_s", "eval_time_s"}
@@ -116,7 +117,7 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("simulated kill before rename")
 
-    monkeypatch.setattr(checkpoint_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(fileio.os, "replace", broken_replace)
     with pytest.raises(OSError, match="before rename"):
         checkpoint_mod.save_checkpoint(path, {"format": checkpoint_mod.FORMAT, "step": 2})
     assert load_checkpoint(path)["step"] == 1

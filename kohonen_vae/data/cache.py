@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
+
+from ..fileio import atomic_write, atomic_write_bytes  # noqa: F401 (atomic_write_bytes: used by folder.py)
 
 ENV_CACHE = "KOHONEN_VAE_CACHE"
 
@@ -41,66 +42,23 @@ def files_fingerprint(paths) -> list:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_save_npy(path: Path, array: np.ndarray, chunk_bytes: int = 1 << 26) -> None:
     """Save ``array`` as ``.npy`` at ``path`` atomically (temp file + fsync + ``os.replace``), streamed in chunks."""
-    path = Path(path)
     array = np.asarray(array)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
-                      "shape": tuple(array.shape)}
-            try:
-                np.lib.format.write_array_header_1_0(f, header)
-            except ValueError:  # header too long for format 1.0
-                np.lib.format.write_array_header_2_0(f, header)
-            flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1)
-            rows = max(1, chunk_bytes // max(1, flat[:1].nbytes))
-            for start in range(0, flat.shape[0], rows):
-                f.write(np.ascontiguousarray(flat[start:start + rows]).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quiet(tmp)
-        raise
-    _fsync_dir(path.parent)
 
+    def write(f):
+        header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+                  "shape": tuple(array.shape)}
+        try:
+            np.lib.format.write_array_header_1_0(f, header)
+        except ValueError:  # header too long for format 1.0
+            np.lib.format.write_array_header_2_0(f, header)
+        flat = array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1)
+        rows = max(1, chunk_bytes // max(1, flat[:1].nbytes))
+        for start in range(0, flat.shape[0], rows):
+            f.write(np.ascontiguousarray(flat[start:start + rows]).tobytes())
 
-def _unlink_quiet(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    atomic_write(path, write)
 
 
 def _header_ok(path: Path, shape: tuple, dtype: str) -> bool:

@@ -119,7 +119,6 @@ def evaluate(model, images: torch.Tensor, normalizer, batch_size: int, device, b
     world, rank = distributed.world_size(), distributed.rank()
     n = images.shape[0]
     lo, hi = n * rank // world, n * (rank + 1) // world
-    levels = len(model.quantizers)
     sizes = [q.codebook_size for q in model.quantizers]
     sums = torch.zeros(3 + sum(sizes), dtype=torch.float64, device=device)  # [sse, commit*b, n_elem, counts..]
     for start in range(lo, hi, batch_size):

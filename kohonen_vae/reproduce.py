@@ -145,7 +145,7 @@ TINY_SCALE = {
     "data": {"name": "sample", "val_max_images": 32, "test_max_images": 32, "image_size": None},
     "model": {"channels": 16, "res_channels": 8, "num_res_blocks": 1, "embed_dim": 8},
     "train": {"batch_size": 8, "max_steps": 6, "eval_every": 3, "checkpoint_every": 3, "log_every": 3,
-              "eval_batch_size": 32, "progress": False, "test_at_end": False},
+              "eval_batch_size": 32, "progress": False, "test_at_end": False, "report": False},
 }
 TINY_CODEBOOK = 32
 SCALES = ("cpu", "paper", "tiny")
@@ -186,25 +186,28 @@ def build_config(experiment: Experiment, variant: Variant, scale: str, seed: int
 
 def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
     """``[(variant, seed, config)]`` of an experiment: the grid of configurations x seeds."""
+    from .models.factory import ConfigError
+
     if experiment not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[experiment]
     n = seeds if seeds is not None else exp.seeds[scale]
     if n < 1:
-        raise ValueError(f"--seeds must be >= 1, got {n}")
+        raise ConfigError(f"--seeds must be >= 1, got {n}")
     return [(v, s, build_config(exp, v, scale, s)) for v in exp.variants for s in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------- run
 def _run_state(run_dir: Path, config: dict) -> str:
     """"done" (summary.json of this exact config), "partial" (a checkpoint to resume), or "new"."""
-    from .training.config import changed_keys, resolve_config
+    from .models.factory import ConfigError
+    from .training.config import RESUMABLE_CHANGES, changed_keys, resolve_config
 
     if (run_dir / "summary.json").is_file() and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
-        if not [k for k in changed_keys(saved, resolve_config(config)) if k not in ("train.progress",)]:
+        if not [k for k in changed_keys(saved, resolve_config(config)) if k not in RESUMABLE_CHANGES]:
             return "done"
-        raise ValueError(f"{run_dir} holds a finished run of a different configuration; use another --out "
+        raise ConfigError(f"{run_dir} holds a finished run of a different configuration; use another --out "
                          "or delete that folder")
     return "partial" if (run_dir / "checkpoints" / "last.pt").is_file() else "new"
 

@@ -172,4 +172,6 @@ class GridSmoother:
         spec = torch.fft.rfftn(x, s=lengths, dim=dims) * torch.fft.rfftn(kernel, s=lengths, dim=list(range(d)))
         y = torch.fft.irfftn(spec, s=lengths, dim=dims)
         y = y[(slice(None),) + tuple(slice(0, s) for s in sizes)]
-        return torch.movedim(y, 0, -1).reshape(stats.shape).to(stats.dtype)
+        y = torch.movedim(y, 0, -1).reshape(stats.shape).to(stats.dtype)
+        # P_t >= 0: a column that is non-negative (the counts) stays so despite float rounding
+        return torch.where((stats >= 0).all(0, keepdim=True), y.clamp(min=0), y)

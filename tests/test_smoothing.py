@@ -140,3 +140,15 @@ def test_bad_neighbourhood_arguments():
         GridSmoother(Grid((4, 4), topology="hexagonal"), make_neighborhood("gaussian"), "separable")
     with pytest.raises(ValueError, match=r"\(16, C\)"):
         GridSmoother(Grid((4, 4)), make_neighborhood("hard"))(torch.zeros(15, 2), 0)
+
+
+def test_fft_keeps_non_negative_columns_non_negative():
+    # winners in one corner, wide exponential kernel: far codes get ~1e-9 exactly, FFT rounding gives +-1e-5
+    grid = Grid((32, 16))
+    stats = torch.zeros(grid.size, 2)
+    stats[:100, 0] = 50.0
+    stats[:100, 1] = -3.0  # a column with negative entries is left as computed
+    out = GridSmoother(grid, make_neighborhood("exponential"), "fft")(stats, 200)
+    exact = GridSmoother(grid, make_neighborhood("exponential"), "dense")(stats, 200)
+    assert bool((out[:, 0] >= 0).all())
+    assert torch.allclose(out, exact, atol=1e-3)

@@ -11,7 +11,10 @@ statistics of the batch: counts ``c_k`` and sums ``S_k``, smoothed over the grid
     t   <- t + 1
 
 EMA-VQ is P_t = I. With ``update_unused=False`` (the paper's "no-update" variant) codes whose ``c~_k`` is
-0 keep ``N_k``, ``m_k`` and ``e_k`` unchanged and no Laplace smoothing is applied.
+0 keep ``N_k``, ``m_k`` and ``e_k`` unchanged and no Laplace smoothing is applied. "Is 0" is tested as
+``c~_k <= 1e-7`` (the kernel truncation cutoff) for every smoothing method. The reference implementation's
+float32 K x K matrix keeps exponential/gaussian weights down to ~1e-38, so there far-away codes count as
+used (and decay) where here they do not; with the hard kernel both agree exactly.
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ class KohonenQuantizer(VectorQuantizerBase):
         if self.update_in_forward:
             self._apply_statistics(stats)
         else:
-            check_finite(stats, "the training batch")  # the pending buffer must stay clean too
+            if distributed.world_size() == 1:  # fail at the bad forward; under DDP only after the all-reduce,
+                check_finite(stats, "the training batch")  # so that every rank raises and none hangs
             self.pending.add_(stats)
 
     @torch.no_grad()
@@ -142,7 +146,9 @@ class KohonenQuantizer(VectorQuantizerBase):
             self.cluster_size.copy_(size)
             torch.div(self.embed_sum, size.unsqueeze(1), out=self.codebook)
         else:
-            hit = counts > 0
+            # "unused" = smoothed count below the kernel truncation cutoff, the same test for every smoothing
+            # method (FFT rounding leaves ~1e-6 noise where exact arithmetic gives 0 or 1e-30)
+            hit = counts > self.smoother.cutoff
             size = torch.where(hit, g * self.cluster_size + (1 - g) * counts, self.cluster_size)
             embed_sum = torch.where(hit[:, None], g * self.embed_sum + (1 - g) * sums, self.embed_sum)
             codebook = torch.where(hit[:, None], embed_sum / size.clamp(min=1e-30).unsqueeze(1), self.codebook)

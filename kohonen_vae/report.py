@@ -309,9 +309,10 @@ def _run_section(i: int, run: Run, images: torch.Tensor, show_offset: bool) -> s
     return "\n".join(parts)
 
 
-def render_report(runs: Sequence[Run], images: Sequence[torch.Tensor], title: str | None = None) -> str:
+def render_report(runs: Sequence[Run], images: Sequence[torch.Tensor], title: str | None = None,
+                  preamble: str = "") -> str:
     """The report's HTML text for loaded and evaluated runs (``run.metrics``/``run.counts`` filled) and each
-    run's evaluation images."""
+    run's evaluation images; ``preamble`` (HTML) goes right after the header."""
     from . import figures
 
     title = title or ("Run report: " + runs[0].path.name if len(runs) == 1
@@ -319,7 +320,8 @@ def render_report(runs: Sequence[Run], images: Sequence[torch.Tensor], title: st
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p class=muted>kohonen-vae report, {now}; runs: "
-             + ", ".join(f'<a href="#run-{i}">{html.escape(str(r.path))}</a>' for i, r in enumerate(runs)) + "</p>"]
+             + ", ".join(f'<a href="#run-{i}">{html.escape(str(r.path))}</a>' for i, r in enumerate(runs)) + "</p>",
+             preamble]
     if len(runs) > 1:
         parts.append(f'<h2 id="comparison">Comparison</h2>{_comparison_table(runs)}')
     parts.append('<h2 id="curves-section">Training curves</h2>' + _figure(

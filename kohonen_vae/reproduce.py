@@ -374,16 +374,14 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     md += [f"![{name}]({p.name})" for name, p in pngs.items()]
     atomic_write_text(root / "results.md", "\n".join(md) + "\n")
 
-    page = render_report(loaded, images, title=f"Reproduction: {experiment} ({scale} scale)")
     extra = [f"<h2 id='aggregate'>Aggregate over seeds</h2><p>{html.escape(exp.description)}</p>"
              f"<p>Command: <code>{html.escape(command)}</code></p>{_html_table(rows, experiment)}"]
     for name, p in pngs.items():
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
         extra.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(name)}</figcaption></figure>")
-    marker = "</p>"
-    cut = page.index(marker) + len(marker)
-    page = page[:cut] + "\n".join(extra) + page[cut:]
+    page = render_report(loaded, images, title=f"Reproduction: {experiment} ({scale} scale)",
+                         preamble="\n".join(extra))
     atomic_write_text(root / "report.html", page)
     return {"table": table, "rows": rows, "results": root / "results.md", "report": root / "report.html",
             "figures": pngs}

@@ -47,7 +47,7 @@ import kohonen_vae
 from kohonen_vae import KohonenQuantizer
 from kohonen_vae.geometry import Grid
 from kohonen_vae.neighborhood import make_neighborhood
-from kohonen_vae.quantizers.base import DISTANCE_CHUNK_ELEMENTS, nearest_codes
+from kohonen_vae.quantizers.base import CPU_BLOCK_ELEMENTS, DISTANCE_CHUNK_ELEMENTS, nearest_codes
 
 N_DEFAULT, D_DEFAULT = 16384, 64
 KS_DEFAULT = (512, 4096, 16384, 65536)
@@ -465,10 +465,12 @@ def main(argv=None) -> int:
                 fmt_bytes(mem[(name, k)]) if (name, k) in mem else skip_reason(name, k, n, args)
                 for k in args.ks) + " |")
         k_big = 512
-        chunk_mib = DISTANCE_CHUNK_ELEMENTS * 4 / 2**20
+        on_gpu = torch.cuda.is_available()  # where the memory subprocesses run
+        chunk = DISTANCE_CHUNK_ELEMENTS if on_gpu else CPU_BLOCK_ELEMENTS
+        chunk_name = "DISTANCE_CHUNK_ELEMENTS" if on_gpu else "CPU_BLOCK_ELEMENTS"
         full_mib = args.big_n * k_big * 4 / 2**20
-        mem_lines += ["", f"Chunked distances (`DISTANCE_CHUNK_ELEMENTS` = {DISTANCE_CHUNK_ELEMENTS:,}, "
-                      f"{chunk_mib:.0f} MiB a chunk), N = {args.big_n:,}, K = {k_big}, D = {d} "
+        mem_lines += ["", f"Chunked distances (`{chunk_name}` = {chunk:,}, {chunk * 4 / 2**20:.0f} MiB a chunk), "
+                      f"N = {args.big_n:,}, K = {k_big}, D = {d} "
                       f"(the whole N x K matrix would be {full_mib:,.0f} MiB; the input itself is "
                       f"{args.big_n * d * 4 / 2**20:,.0f} MiB):", ""]
         mem_lines += ["| method | peak memory |", "| --- | --- |"]

@@ -142,6 +142,33 @@ def test_call_convention_channel_last_and_image_fmap():
     assert torch.equal(vq.get_codes_from_indices(indices), quantized)
 
 
+@pytest.mark.parametrize("n,k,chunk", [(3000, 512, None), (3000, 512, 1), (257, 4096, None), (70, 3, 50),
+                                         (1, 7, None)])
+def test_nearest_codes_matches_float64_cdist(n, k, chunk):
+    """Blocked/chunked assignment (reused CPU block, any chunk size) = argmin of exact float64 distances."""
+    from kohonen_vae.quantizers import nearest_codes
+    gen = torch.Generator().manual_seed(n + k)
+    z, e = torch.randn(n, 16, generator=gen), torch.randn(k, 16, generator=gen)
+    got = nearest_codes(z, e, chunk_elements=chunk)
+    exact = torch.cdist(z.double(), e.double())
+    assert got.shape == (n,) and got.dtype == torch.long
+    # equal up to float32 near-ties: the chosen code's exact distance is the minimum within 1e-4
+    chosen = exact.gather(1, got[:, None]).squeeze(1)
+    assert torch.all(chosen - exact.min(1).values <= 1e-4)
+    assert (got == exact.argmin(1)).float().mean() > 0.999
+
+
+def test_straight_through_output_is_the_pre_update_code_and_not_an_alias():
+    vq = KohonenQuantizer(4, 16, neighborhood="hard").train()
+    before = vq.codebook.clone()
+    x = torch.randn(10, 4, requires_grad=True)
+    out = vq(x)
+    assert torch.equal(out.quantized, before[out.indices])  # looked up before this step's update
+    assert not torch.equal(vq.codebook, before)  # ... which did happen
+    vq(torch.randn(10, 4))
+    assert torch.equal(out.quantized, before[out.indices])  # later updates do not write into old outputs
+
+
 def test_straight_through_gradient_and_commitment_gradient():
     vq = KohonenQuantizer(4, 16, commitment_weight=0.5).train()
     x = torch.randn(10, 4, requires_grad=True)

@@ -19,13 +19,12 @@ from ..geometry import as_grid
 
 #: the N x K distance matrix is computed in row chunks of at most this many elements (64 MiB in float32)
 DISTANCE_CHUNK_ELEMENTS = 1 << 24
-#: single-threaded CPU: rows go in cache-sized blocks of about this many distances (1 MiB, within one core's
-#: L2), so argmin reads the GEMM output from cache: 1.5-1.9x faster assignment (docs/performance.md). With
-#: several threads every block is one more parallel region (a barrier), which cost more than it saved on a
-#: shared 2-core machine, so multi-threaded runs keep the memory-bound chunks.
-CPU_CACHE_BLOCK_ELEMENTS = 1 << 18
-#: fewest rows per cache block (keeps the GEMM efficient for very large K)
-CPU_CACHE_BLOCK_MIN_ROWS = 64
+#: on a CPU, rows go in blocks of about this many distances (4 MiB, within the L3 cache) written into one
+#: reused buffer: a fresh N x K result is a fresh allocation whose page faults cost as much as the GEMM
+#: itself; with the reused block the assignment is 1.5-1.9x faster at 1 and 2 threads (docs/performance.md)
+CPU_BLOCK_ELEMENTS = 1 << 20
+#: fewest rows per block (keeps the GEMM efficient for very large K)
+CPU_BLOCK_MIN_ROWS = 64
 
 
 class NonFiniteInputError(ValueError):
@@ -85,28 +84,39 @@ def autocast_disabled(device: torch.device):
     return contextlib.nullcontext()
 
 
-def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor,
-                  chunk_elements: int = DISTANCE_CHUNK_ELEMENTS) -> torch.Tensor:
+def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
     """k*(n) = argmin_k ||z_n - e_k||^2 = argmin_k (||e_k||^2 - 2 z_n . e_k), in float32.
 
-    The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most
-    ``chunk_elements`` distances (smaller, cache-sized ones on a single-threaded CPU). Autocast is off
-    inside: the distances are float32 even in a bf16/fp16 autocast region.
+    The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most ``chunk_elements``
+    distances (default: :data:`CPU_BLOCK_ELEMENTS` into one reused buffer on a CPU,
+    :data:`DISTANCE_CHUNK_ELEMENTS` elsewhere). Autocast is off inside: the distances are float32 even in a
+    bf16/fp16 autocast region.
     """
     with torch.no_grad(), autocast_disabled(vectors.device):
         z = vectors.detach().float()
         e = codebook.detach().float()
         e_sq = e.square().sum(1)
         n, k = z.shape[0], e.shape[0]
+        cpu_blocks = z.device.type == "cpu" and not torch.compiler.is_compiling()
+        if chunk_elements is None:
+            chunk_elements = CPU_BLOCK_ELEMENTS if cpu_blocks else DISTANCE_CHUNK_ELEMENTS
         rows = max(1, chunk_elements // max(k, 1))
-        if z.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
-            rows = min(rows, max(CPU_CACHE_BLOCK_MIN_ROWS, CPU_CACHE_BLOCK_ELEMENTS // max(k, 1)))
+        if cpu_blocks:
+            rows = max(rows, min(CPU_BLOCK_MIN_ROWS, n))
         if rows >= n:
             return torch.addmm(e_sq, z, e.t(), alpha=-2.0).argmin(1)
         out = torch.empty(n, dtype=torch.long, device=z.device)
+        if not cpu_blocks:  # the compiler / the GPU caching allocator manage the chunks' memory
+            for start in range(0, n, rows):
+                stop = min(start + rows, n)
+                out[start:stop] = torch.addmm(e_sq, z[start:stop], e.t(), alpha=-2.0).argmin(1)
+            return out
+        block = torch.empty(rows, k, dtype=torch.float32, device=z.device)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            out[start:stop] = torch.addmm(e_sq, z[start:stop], e.t(), alpha=-2.0).argmin(1)
+            distances = block[: stop - start]
+            torch.addmm(e_sq, z[start:stop], e.t(), alpha=-2.0, out=distances)
+            torch.argmin(distances, 1, out=out[start:stop])
         return out
 
 
@@ -119,13 +129,30 @@ def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return torch.bincount(indices, minlength=codebook_size).float()
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Value ``q``, gradient to ``z`` the identity, with no arithmetic on (N, D) tensors in either pass."""
+
+    @staticmethod
+    def forward(ctx, z, q):
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The straight-through estimator z + sg(q - z), written ``q + (z - sg(z))`` so that its value is
-    exactly ``q``; the gradient to ``z`` is the identity. Without a gradient to carry it is just ``q``.
-    (A custom autograd.Function saving the two passes made torch.compile's results drift from eager.)"""
+    """The straight-through estimator z + sg(q - z): its value is exactly ``q`` and the gradient to ``z``
+    is the identity. Eagerly an autograd function returns ``q`` as it is (saving the two (N, D) passes of
+    the arithmetic form, ~1.5 ms of a 30 ms forward at N = 16,384, D = 64); under ``torch.compile`` the
+    arithmetic form ``q + (z - sg(z))``, which the compiler fuses, keeps compiled and eager runs equal
+    (the autograd function inside a compiled graph drifted from eager). Both have the same value and
+    gradient. Without a gradient to carry it is just ``q``."""
     if not (torch.is_grad_enabled() and z.requires_grad):
         return q
-    return q + (z - z.detach())
+    if torch.compiler.is_compiling():
+        return q + (z - z.detach())
+    return _StraightThrough.apply(z, q)
 
 
 class VectorQuantizerBase(nn.Module):

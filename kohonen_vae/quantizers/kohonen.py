@@ -182,8 +182,8 @@ class EMAQuantizer(KohonenQuantizer):
 def batch_statistics(z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Packed raw statistics ``(K, 1 + D)``: column 0 the counts c_k, then the sums S_k = sum_{k*(n)=k} z_n,
     in float32 whatever the input dtype."""
-    k = counts.shape[0]
-    stats = torch.zeros(k, 1 + z.shape[1], dtype=torch.float32, device=z.device)
-    stats[:, 0] = counts
-    stats[:, 1:].index_add_(0, indices, z.detach().float())
-    return stats
+    # sums into a contiguous (K, D) buffer, then one small (K, 1 + D) copy: index_add_ straight into the
+    # strided column block of the packed tensor was slower (docs/performance.md, "optimisations")
+    sums = torch.zeros(counts.shape[0], z.shape[1], dtype=torch.float32, device=z.device)
+    sums.index_add_(0, indices, z.detach().float())
+    return torch.cat([counts.float().unsqueeze(1), sums], 1)

@@ -139,11 +139,10 @@ def load_run(run_dir, checkpoint: str = "last", device=None) -> Run:
 def evaluation_images(config: dict, max_images: int | None = None) -> torch.Tensor:
     """The run's validation images (uint8 (N, C, H, W)), the same split as in training, at most
     ``max_images`` (default: data.val_max_images, else DEFAULT_MAX_IMAGES)."""
-    from .data import load_splits
+    from .data import splits_from_config
 
     d = config["data"]
-    splits = load_splits(d["name"], data_dir=d.get("data_dir"), image_size=d.get("image_size"),
-                         val_fraction=d.get("val_fraction", 0.2), split_seed=d.get("split_seed", 0))
+    splits = splits_from_config(d, download=False)
     n = max_images or d.get("val_max_images") or DEFAULT_MAX_IMAGES
     return splits.val.images[:n]
 

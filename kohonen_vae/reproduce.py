@@ -243,15 +243,13 @@ def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | No
 
 
 def _splits_for(cfg: dict, cache: dict):
-    from .data import load_splits
+    from .data import splits_from_config
 
     d = cfg["data"]
     key = json.dumps([d.get("name"), d.get("data_dir"), d.get("image_size"), d.get("val_fraction", 0.2),
                       d.get("split_seed", 0)], default=str)
     if key not in cache:
-        cache[key] = load_splits(d["name"], data_dir=d.get("data_dir"), image_size=d.get("image_size"),
-                                 val_fraction=d.get("val_fraction", 0.2), split_seed=d.get("split_seed", 0),
-                                 download=d.get("download", False))
+        cache[key] = splits_from_config(d)
     return cache[key]
 
 

@@ -371,6 +371,18 @@ def test_bad_arguments():
         load_splits("sample", image_size=0)
 
 
+def test_splits_from_config_is_load_splits_with_config_defaults():
+    from kohonen_vae.data import splits_from_config
+    a = splits_from_config({"name": "sample", "val_fraction": 0.1, "split_seed": 3})
+    b = load_splits("sample", val_fraction=0.1, split_seed=3)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)
+    c = splits_from_config({"name": "sample"})  # defaults: val_fraction 0.2, split_seed 0
+    assert len(c.val) == 600 and torch.equal(c.val.images, load_splits("sample").val.images)
+    assert not torch.equal(a.val.images[:100], c.val.images[:100])  # the seed and fraction were used
+    with pytest.raises(ValueError, match="data.name"):
+        splits_from_config({"image_size": 32})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bundled sample
 # ---------------------------------------------------------------------------------------------------------------

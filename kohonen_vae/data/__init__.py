@@ -8,8 +8,9 @@ Images stay uint8 (decoded once, cached as .npy); normalisation happens per batc
 """
 from .cache import cache_dir
 from .cifar import ChecksumError
-from .loader import DATASETS, data_roots, load_splits, resize_uint8, shared_data_dir, split_indices
+from .loader import (DATASETS, data_roots, load_splits, resize_uint8, shared_data_dir, split_indices,
+                     splits_from_config)
 from .types import DatasetNotFoundError, DatasetSplits, ImageSet, Normalizer
 
-__all__ = ["load_splits", "DATASETS", "DatasetNotFoundError", "Normalizer", "ImageSet", "DatasetSplits",
+__all__ = ["load_splits", "splits_from_config", "DATASETS", "DatasetNotFoundError", "Normalizer", "ImageSet", "DatasetSplits",
            "ChecksumError", "cache_dir", "data_roots", "shared_data_dir", "resize_uint8", "split_indices"]

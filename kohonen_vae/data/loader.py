@@ -286,3 +286,14 @@ def load_splits(name: str, data_dir=None, image_size: Optional[int] = None, val_
             "split_seed": int(split_seed), "normalization": normalizer.to_dict(),
             "load_seconds": round(time.perf_counter() - t0, 3)}
     return DatasetSplits(train=train, val=val, test=test, normalizer=normalizer, info=info)
+
+
+def splits_from_config(data: dict, download: Optional[bool] = None) -> DatasetSplits:
+    """:func:`load_splits` with the arguments of a run config's ``data`` table (missing keys take
+    :func:`load_splits`' defaults); ``download`` overrides ``data["download"]``. Training, reproduction
+    and reports all load a run's data through this one function, so they see the same split."""
+    if "name" not in data:
+        raise ValueError("the data config has no 'name' (e.g. data.name = 'cifar10')")
+    return load_splits(data["name"], data_dir=data.get("data_dir"), image_size=data.get("image_size"),
+                       val_fraction=data.get("val_fraction", 0.2), split_seed=data.get("split_seed", 0),
+                       download=data.get("download", False) if download is None else download)

@@ -143,12 +143,11 @@ def evaluate(model, images: torch.Tensor, normalizer, batch_size: int, device, b
 def _load_data(cfg: dict, splits):
     if splits is not None:
         return splits
-    from ..data import load_splits  # imported lazily: the data layer is only needed when no splits are given
+    from ..data import splits_from_config  # lazily: the data layer is only needed when no splits are given
 
     d = cfg["data"]
     try:
-        return load_splits(d["name"], data_dir=d["data_dir"], image_size=d["image_size"],
-                           val_fraction=d["val_fraction"], split_seed=d["split_seed"], download=d["download"])
+        return splits_from_config(d)
     except ValueError as e:  # bad name/size/fraction, or files that are not what the layout promises
         raise ConfigError(f"data ({d['name']}): {e}") from e
 

@@ -9,6 +9,7 @@
 """
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--neighborhood", default="exponential")
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", help="also write the table (markdown) to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     library = (base.straight_through, kohonen.batch_statistics)
@@ -69,12 +71,16 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     base.straight_through, kohonen.batch_statistics = library
     floor = statistics.median(times["floor"])
-    print(f"K = {args.k}, N = {args.n}, D = {args.d}, {args.neighborhood} kernel at step 0, {args.threads} threads, "
-          f"median of {args.rounds} interleaved rounds")
-    print("| variant | ms | ratio to floor |\n| --- | --- | --- |")
+    lines = [f"Command: `python {' '.join(sys.argv)}`", "",
+             f"K = {args.k}, N = {args.n}, D = {args.d}, {args.neighborhood} kernel at step 0, {args.threads} threads, "
+             f"median of {args.rounds} interleaved rounds", "", "| variant | ms | ratio to floor |", "| --- | --- | --- |"]
     for name in names:
         m = statistics.median(times[name])
-        print(f"| {name} | {1e3 * m:.1f} | {m / floor:.3f}x |")
+        lines.append(f"| {name} | {1e3 * m:.1f} | {m / floor:.3f}x |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "a") as f:  # several kernels append to one file
+            f.write("\n".join(lines) + "\n\n")
 
 
 if __name__ == "__main__":

@@ -381,6 +381,12 @@ def test_splits_from_config_is_load_splits_with_config_defaults():
     assert not torch.equal(a.val.images[:100], c.val.images[:100])  # the seed and fraction were used
     with pytest.raises(ValueError, match="data.name"):
         splits_from_config({"image_size": 32})
+    # a raw config (reproduce) and a normalised one (training) must draw the same split: the defaults agree
+    import inspect
+    from kohonen_vae.training.config import DEFAULTS
+    params = inspect.signature(load_splits).parameters
+    for key in ("val_fraction", "split_seed", "download", "image_size", "data_dir"):
+        assert DEFAULTS["data"][key] == params[key].default, key
 
 
 # ---------------------------------------------------------------------------------------------------------------

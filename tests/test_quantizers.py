@@ -158,6 +158,19 @@ def test_nearest_codes_matches_float64_cdist(n, k, chunk):
     assert (got == exact.argmin(1)).float().mean() > 0.999
 
 
+def test_distance_block_rows_bounds():
+    from kohonen_vae.quantizers.base import (CPU_BLOCK_ELEMENTS, CPU_BLOCK_MIN_ROWS, DISTANCE_CHUNK_ELEMENTS,
+                                             distance_block_rows)
+    assert distance_block_rows(16384, 512) == CPU_BLOCK_ELEMENTS // 512  # 4 MiB blocks on a CPU
+    assert distance_block_rows(16384, 512, cpu_blocks=False) == DISTANCE_CHUNK_ELEMENTS // 512
+    assert distance_block_rows(16384, 65536) == CPU_BLOCK_MIN_ROWS  # GEMM-efficient floor at large K ...
+    assert distance_block_rows(10, 65536) >= 10  # all 10 rows in one block (16 rows = 4 MiB)
+    assert distance_block_rows(63, 1 << 22) * (1 << 22) <= DISTANCE_CHUNK_ELEMENTS  # ... never above 64 MiB
+    assert distance_block_rows(16384, 1 << 26) == 1
+    for chunk in (1, 100, 1000):  # an explicit bound is a hard bound
+        assert distance_block_rows(3000, 512, chunk) * 512 <= max(chunk, 512)
+
+
 def test_straight_through_output_is_the_pre_update_code_and_not_an_alias():
     vq = KohonenQuantizer(4, 16, neighborhood="hard").train()
     before = vq.codebook.clone()
@@ -167,6 +180,32 @@ def test_straight_through_output_is_the_pre_update_code_and_not_an_alias():
     assert not torch.equal(vq.codebook, before)  # ... which did happen
     vq(torch.randn(10, 4))
     assert torch.equal(out.quantized, before[out.indices])  # later updates do not write into old outputs
+
+
+def test_straight_through_output_can_be_modified_in_place():
+    """Decoders with ReLU(inplace=True) or ``x += pos_emb`` on the quantised output: the commitment loss
+    still differentiates against the unmodified codes."""
+    vq = KohonenQuantizer(4, 16, commitment_weight=0.5).train()
+    x = torch.randn(10, 4, requires_grad=True)
+    out = vq(x)
+    q_before = out.quantized.detach().clone()
+    y = out.quantized
+    y.add_(1.0)
+    torch.relu_(y)
+    (y.sum() + out.loss).backward()
+    expected = (q_before + 1 > 0).float() + 0.5 * 2 * (x.detach() - q_before) / x.numel()
+    assert torch.allclose(x.grad, expected, atol=1e-7)
+
+
+def test_straight_through_with_forward_mode_ad_and_torch_func():
+    import torch.autograd.forward_ad as fwAD
+    vq = KohonenQuantizer(4, 16).eval()  # eval: no codebook update inside the transforms
+    x, tangent = torch.randn(10, 4), torch.randn(10, 4)
+    with fwAD.dual_level():
+        out = vq(fwAD.make_dual(x, tangent))
+        assert torch.equal(fwAD.unpack_dual(out.quantized).tangent, tangent)  # identity Jacobian
+    grad = torch.func.grad(lambda v: (vq(v).quantized * torch.arange(4.0)).sum())(x)
+    assert torch.equal(grad, torch.arange(4.0).expand(10, 4))
 
 
 def test_straight_through_gradient_and_commitment_gradient():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
@@ -87,9 +88,8 @@ def autocast_disabled(device: torch.device):
 def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
     """k*(n) = argmin_k ||z_n - e_k||^2 = argmin_k (||e_k||^2 - 2 z_n . e_k), in float32.
 
-    The ``N x K`` distance matrix is never allocated whole: rows go in chunks of at most ``chunk_elements``
-    distances (default: :data:`CPU_BLOCK_ELEMENTS` into one reused buffer on a CPU,
-    :data:`DISTANCE_CHUNK_ELEMENTS` elsewhere). Autocast is off inside: the distances are float32 even in a
+    The ``N x K`` distance matrix is never allocated whole: rows go in blocks of at most ``chunk_elements``
+    distances (default: see :func:`distance_block_rows`), on a CPU all written into one reused buffer. Autocast is off inside: the distances are float32 even in a
     bf16/fp16 autocast region.
     """
     with torch.no_grad(), autocast_disabled(vectors.device):
@@ -98,11 +98,7 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, chunk_elements:
         e_sq = e.square().sum(1)
         n, k = z.shape[0], e.shape[0]
         cpu_blocks = z.device.type == "cpu" and not torch.compiler.is_compiling()
-        if chunk_elements is None:
-            chunk_elements = CPU_BLOCK_ELEMENTS if cpu_blocks else DISTANCE_CHUNK_ELEMENTS
-        rows = max(1, chunk_elements // max(k, 1))
-        if cpu_blocks:
-            rows = max(rows, min(CPU_BLOCK_MIN_ROWS, n))
+        rows = distance_block_rows(n, k, chunk_elements, cpu_blocks)
         if rows >= n:
             return torch.addmm(e_sq, z, e.t(), alpha=-2.0).argmin(1)
         out = torch.empty(n, dtype=torch.long, device=z.device)
@@ -120,6 +116,22 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, chunk_elements:
         return out
 
 
+def distance_block_rows(n: int, k: int, chunk_elements: int | None = None, cpu_blocks: bool = True) -> int:
+    """Rows of the distance matrix computed at once by :func:`nearest_codes`.
+
+    An explicit ``chunk_elements`` is a hard bound: ``max(1, chunk_elements // k)`` rows. By default a CPU
+    block has ``CPU_BLOCK_ELEMENTS // k`` rows but at least ``CPU_BLOCK_MIN_ROWS`` (so that the GEMM stays
+    efficient at large K) as long as that stays within ``DISTANCE_CHUNK_ELEMENTS``; elsewhere
+    ``DISTANCE_CHUNK_ELEMENTS // k`` rows.
+    """
+    k = max(int(k), 1)
+    if chunk_elements is not None:
+        return max(1, int(chunk_elements) // k)
+    if not cpu_blocks:
+        return max(1, DISTANCE_CHUNK_ELEMENTS // k)
+    return max(1, CPU_BLOCK_ELEMENTS // k, min(CPU_BLOCK_MIN_ROWS, n, DISTANCE_CHUNK_ELEMENTS // k))
+
+
 def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """c_k = #{n : k*(n) = k}, ``(K,)`` float32. Under torch.compile an integer scatter-add (a static output
     shape) replaces ``bincount``, whose data-dependent shape would break the graph; both are exact."""
@@ -130,29 +142,44 @@ def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Value ``q``, gradient to ``z`` the identity, with no arithmetic on (N, D) tensors in either pass."""
+    """Value ``q`` (a fresh copy: one (N, D) pass), gradient and forward-mode tangent to ``z`` the identity."""
+
+    generate_vmap_rule = True  # torch.func transforms (vmap, grad, jacrev) work through it
 
     @staticmethod
-    def forward(ctx, z, q):
-        return q.view_as(q)
+    def forward(z, q):
+        # a fresh tensor, not a view of q: callers may modify the output in place (ReLU(inplace=True),
+        # x += pos_emb) while the commitment loss still holds q for its backward
+        return q.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
+    @staticmethod
+    def jvp(ctx, z_tangent, q_tangent):
+        return z_tangent
+
 
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The straight-through estimator z + sg(q - z): its value is exactly ``q`` and the gradient to ``z``
-    is the identity. Eagerly an autograd function returns ``q`` as it is (saving the two (N, D) passes of
-    the arithmetic form, ~1.5 ms of a 30 ms forward at N = 16,384, D = 64); under ``torch.compile`` the
-    arithmetic form ``q + (z - sg(z))``, which the compiler fuses, keeps compiled and eager runs equal
-    (the autograd function inside a compiled graph drifted from eager). Both have the same value and
-    gradient. Without a gradient to carry it is just ``q``."""
-    if not (torch.is_grad_enabled() and z.requires_grad):
-        return q
+    """The straight-through estimator z + sg(q - z) for a ``q`` that carries no gradient of its own: its
+    value is exactly ``q`` and the gradient to ``z`` is the identity.
+
+    Eagerly an autograd function returns a copy of ``q`` (one (N, D) pass instead of the arithmetic form's
+    two, docs/performance.md); under ``torch.compile`` the arithmetic form ``q + (z - sg(z))``, which the
+    compiler fuses, keeps compiled and eager runs equal (the autograd function inside a compiled graph
+    drifted from eager). Without a gradient to carry it is just ``q``.
+    """
+    carries_gradient = torch.is_grad_enabled() and z.requires_grad
     if torch.compiler.is_compiling():
-        return q + (z - z.detach())
-    return _StraightThrough.apply(z, q)
+        return q + (z - z.detach()) if carries_gradient else q
+    if carries_gradient or forward_ad.unpack_dual(z).tangent is not None:  # forward-mode AD: a dual z
+        return _StraightThrough.apply(z, q)
+    return q
 
 
 class VectorQuantizerBase(nn.Module):

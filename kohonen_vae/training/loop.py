@@ -149,7 +149,7 @@ def _load_data(cfg: dict, splits):
     try:
         return splits_from_config(d)
     except ValueError as e:  # bad name/size/fraction, or files that are not what the layout promises
-        raise ConfigError(f"data ({d['name']}): {e}") from e
+        raise ConfigError(f"data ({d.get('name')}): {e}") from e
 
 
 def _prepare_run_dir(out: Path, cfg: dict, resume: bool):

@@ -31,6 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are files; never open a display (must precede pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -235,13 +236,21 @@ def curves_figure(runs, path=None, log_loss: bool = True):
         groups.setdefault(label, []).append(list(records))
     if not groups:
         raise ValueError("curves_figure needs at least one (label, records) run")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    # one legend entry per configuration (its colour) plus the two line styles, below the panels: with a dozen
+    # configurations a per-line legend inside a panel hid the curves
+    legend_cols = 4
+    legend_rows = -(-(len(groups) + 2) // legend_cols)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4 + 0.17 * legend_rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(groups) > len(colors):  # distinct colours for up to 20 configurations
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]
+    handles = []
     panels = [("loss", "loss (MSE + commitment)"), ("perplexity", "perplexity"), ("used_codes", "used codes")]
     for gi, (label, members) in enumerate(groups.items()):
         color = colors[gi % len(colors)]
         levels = _levels(members[0])
         suffix = f" (n={len(members)})" if len(members) > 1 else ""
+        handles.append(Line2D([], [], color=color, lw=2, label=f"{label}{suffix}"))
         for ax, (key, _) in zip(axes, panels):
             for lv in ([None] if key == "loss" else range(levels)):
                 for kind, style in (("train", dict(ls="-")), ("val", dict(ls="--", marker=".", ms=4))):
@@ -262,8 +271,11 @@ def curves_figure(runs, path=None, log_loss: bool = True):
         if key == "loss" and log_loss and any(line.get_ydata().size and (line.get_ydata() > 0).all()
                                               for line in ax.get_lines()):
             ax.set_yscale("log")
-    axes[0].legend(fontsize=6, loc="upper right")
-    fig.tight_layout()
+    handles += [Line2D([], [], color="0.35", ls="-", label="train (window means)"),
+                Line2D([], [], color="0.35", ls="--", marker=".", ms=4, label="validation")]
+    legend_height = (0.17 * legend_rows + 0.02) / fig.get_figheight()
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     return _finish(fig, path)
 
 

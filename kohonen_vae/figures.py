@@ -239,7 +239,7 @@ def curves_figure(runs, path=None, log_loss: bool = True):
     # one legend entry per configuration (its colour) plus the two line styles, below the panels: with a dozen
     # configurations a per-line legend inside a panel hid the curves
     legend_cols = 4
-    legend_rows = -(-(len(groups) + 2) // legend_cols)
+    legend_rows = -(-(len(groups) + 3) // legend_cols)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4 + 0.17 * legend_rows))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     if len(groups) > len(colors):  # distinct colours for up to 20 configurations
@@ -273,6 +273,8 @@ def curves_figure(runs, path=None, log_loss: bool = True):
             ax.set_yscale("log")
     handles += [Line2D([], [], color="0.35", ls="-", label="train (window means)"),
                 Line2D([], [], color="0.35", ls="--", marker=".", ms=4, label="validation")]
+    if any(_levels(members[0]) > 1 for members in groups.values()):
+        handles.append(Line2D([], [], color="0.35", alpha=0.55, lw=2, label="faded: upper levels (VQ-VAE-2 top)"))
     legend_height = (0.17 * legend_rows + 0.02) / fig.get_figheight()
     fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, legend_height, 1, 1))

@@ -156,10 +156,12 @@ class GridSmoother:
         grid = self.grid
         d = grid.ndim
         sizes = list(reversed(grid.shape))  # tensor order
-        lengths = sizes if grid.periodic else [2 * s for s in sizes]
+        lengths = sizes if grid.periodic else self._fft_lengths(sizes, self.neighborhood.radius(step, self.cutoff))
         # offsets of the FFT lattice, centred: index j <-> j if j < L/2 else j - L (tensor order)
-        key = str(stats.device)
+        key = (str(stats.device), tuple(lengths))
         if key not in self._fft_cache:
+            if len(self._fft_cache) > 8:  # the padding shrinks with the radius: keep only a few lattices
+                self._fft_cache.clear()
             axes = [torch.arange(L) for L in lengths]
             axes = [torch.where(a < (L + 1) // 2, a, a - L) for a, L in zip(axes, lengths)]
             mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (L_{d-1}, ..., L_0, d) tensor order
@@ -175,3 +177,32 @@ class GridSmoother:
         y = torch.movedim(y, 0, -1).reshape(stats.shape).to(stats.dtype)
         # P_t >= 0: a column that is non-negative (the counts) stays so despite float rounding
         return torch.where((stats >= 0).all(0, keepdim=True), y.clamp(min=0), y)
+
+    @staticmethod
+    def _fft_lengths(sizes, radius: float) -> list:
+        """Zero-padded FFT length per axis for a linear (not circular) convolution of a kernel that is
+        below the cutoff beyond ``radius``: ``s + ceil(radius)`` rounded up to a 2^a 3^b 5^c size while that
+        is below ``2 s`` (then ``2 s``, exact for any kernel). Every grid distance is at least the largest
+        per-axis offset, so an offset wrapped around by the shorter period lands beyond the radius, where
+        the kernel is below the cutoff: the same truncation as the stencil's."""
+        out = []
+        for s in sizes:
+            need = s + math.ceil(radius) if math.isfinite(radius) else 2 * s
+            out.append(_fast_fft_size(need) if need < 2 * s else 2 * s)
+        return [min(length, 2 * s) for length, s in zip(out, sizes)]
+
+
+def _fast_fft_size(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (sizes that FFT libraries transform fastest)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            m = p35
+            while m < n:
+                m *= 2
+            best = min(best, m)
+            p35 *= 3
+        p5 *= 5
+    return best

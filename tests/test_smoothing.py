@@ -104,6 +104,45 @@ def test_auto_method_choice():
     assert GridSmoother(Grid((32, 16)), make_neighborhood("gaussian")).choose(0) == "separable"
 
 
+@pytest.mark.parametrize("topology", ["rectangular", "hexagonal"])
+@pytest.mark.parametrize("t", [0, 20, 200])
+def test_fft_padded_by_the_kernel_radius_equals_explicit_matrix(topology, t):
+    """Once the kernel's radius is below the grid size the FFT pads by the radius, not by the grid size
+    (smaller transforms); the result still equals P_t X up to the cutoff-level truncation."""
+    grid = Grid((40, 30), topology=topology)
+    kernel = make_neighborhood("exponential", shrink=0.1, sigma=2.0)
+    smoother = GridSmoother(grid, kernel, method="fft")
+    radius = kernel.radius(t, smoother.cutoff)
+    lengths = smoother._fft_lengths([30, 40], radius)
+    if t > 0:
+        assert lengths[0] < 60 and lengths[1] < 80  # really shorter than the exact 2 s padding
+    torch.manual_seed(0)
+    stats = torch.rand(grid.size, 4) * 10
+    expected = GridSmoother(grid, kernel, method="dense").matrix(t).double() @ stats.double()
+    out = smoother(stats, t)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4), (out.double() - expected).abs().max()
+
+
+def test_fast_fft_sizes():
+    from kohonen_vae.smoothing import _fast_fft_size
+    for n in range(1, 400):
+        m = _fast_fft_size(n)
+        assert m >= n
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert r == 1  # only factors 2, 3, 5
+        assert all(not _is_235(k) for k in range(n, m))  # and the smallest such size
+
+
+def _is_235(k):
+    for p in (2, 3, 5):
+        while k % p == 0:
+            k //= p
+    return k == 1
+
+
 def test_large_grid_fast_methods_agree_with_each_other():
     # 4096 codes: no explicit matrix in the test either; compare stencil/fft/separable pairwise
     grid = Grid((64, 64))

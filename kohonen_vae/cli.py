@@ -145,12 +145,55 @@ def format_comparison(rows) -> str:
     return "\n".join(out)
 
 
+# -- cache ---------------------------------------------------------------------------------------------------
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--clear", action="store_true", help="delete every cache entry (datasets are decoded again "
+                   "on their next use)")
+    g.add_argument("--older-than", type=float, metavar="DAYS",
+                   help="delete the entries not written or loaded for this many days")
+
+
+def run_cache(args) -> int:
+    import time
+
+    from .data import cache
+
+    folder = cache.cache_dir()
+    if args.clear or args.older_than is not None:
+        if args.older_than is not None and args.older_than < 0:
+            raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
+        removed, freed = cache.remove_entries(older_than_days=None if args.clear else args.older_than)
+        print(f"removed {removed} file(s), {_fmt_bytes(freed)} freed, from {folder}")
+        return 0
+    entries = cache.list_entries()
+    print(f"cache folder: {folder} (set ${cache.ENV_CACHE} to move it)")
+    if not entries:
+        print("empty")
+        return 0
+    for e in entries:
+        age_days = (time.time() - e["mtime"]) / 86400
+        print(f"  {e['name']:<40} {_fmt_bytes(e['bytes']):>10}   last used {age_days:.1f} days ago")
+    print(f"{len(entries)} entries, {_fmt_bytes(sum(e['bytes'] for e in entries))} in all; "
+          "`kohonen-vae cache --clear` or `--older-than DAYS` removes them")
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 # -- registry ----------------------------------------------------------------------------------------------
 #: name -> (help, add_arguments, run). REPORT HOOK: the report module adds "report" and "reproduce" here.
 SUBCOMMANDS = {
     "train": ("train a model from a config (TOML/JSON or bundled name)", add_train_arguments, run_train),
     "demo": ("train EMA-VQ and KSOM-hard side by side on the bundled CIFAR-10 sample and compare",
              add_demo_arguments, run_demo),
+    "cache": ("list the decoded-dataset cache, or prune it (--clear, --older-than DAYS)",
+              add_cache_arguments, run_cache),
 }
 
 

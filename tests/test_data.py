@@ -485,3 +485,56 @@ def test_unpickler_refuses_foreign_objects(tmp_path):
     p.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         kcifar.read_pickle_batch(p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache housekeeping (`kohonen-vae cache`)
+# ---------------------------------------------------------------------------------------------------------------
+def test_cache_list_and_prune_touch_only_our_files(monkeypatch, tmp_path):
+    import os
+    import time
+
+    from kohonen_vae.cli import main
+    from kohonen_vae.data import cache
+
+    monkeypatch.setenv(cache.ENV_CACHE, str(tmp_path))
+    now = time.time()
+    old_key, new_key = "a" * 20, "b" * 20
+    cache.save_entry("cifar10", old_key, {"x": np.zeros((4, 3), np.uint8), "y": np.arange(4)})
+    cache.save_entry("folder", new_key, {"x": np.ones((2, 2), np.uint8)})
+    for p in tmp_path.glob(f"cifar10-{old_key}*"):  # last written / used 40 days ago
+        os.utime(p, (now - 40 * 86400, now - 40 * 86400))
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not ours")
+    orphan = tmp_path / f"mnist-{'c' * 20}.x.npy"  # an interrupted write: members but no json
+    orphan.write_bytes(b"\x00" * 10)
+    os.utime(orphan, (now - 2 * 86400, now - 2 * 86400))
+    fresh_temp = tmp_path / ".cifar10-xyz.json.abc.tmp"  # a write in progress right now
+    fresh_temp.write_bytes(b"\x00")
+
+    entries = cache.list_entries()
+    assert [e["name"] for e in entries] == [f"folder-{new_key}", f"cifar10-{old_key}"]  # most recent first
+    assert len(entries[1]["files"]) == 3 and entries[1]["bytes"] == sum(p.stat().st_size for p in entries[1]["files"])
+
+    # loading an entry counts as a use: it is no longer 40 days old
+    assert cache.load_entry("cifar10", old_key) is not None
+    assert cache.remove_entries(older_than_days=30) == (0, 0)  # (the orphan is 2 days old: kept too)
+    for p in tmp_path.glob(f"cifar10-{old_key}*"):
+        os.utime(p, (now - 40 * 86400, now - 40 * 86400))
+    removed, freed = cache.remove_entries(older_than_days=30)
+    assert removed == 3 and freed > 0
+    assert [e["name"] for e in cache.list_entries()] == [f"folder-{new_key}"]
+    assert orphan.exists() and foreign.exists() and fresh_temp.exists()
+
+    assert main(["cache", "--clear"]) == 0
+    assert cache.list_entries() == [] and not orphan.exists()  # leftovers over an hour old go with --clear
+    assert foreign.exists() and fresh_temp.exists()  # not ours / possibly still being written
+    assert main(["cache"]) == 0
+    assert main(["cache", "--older-than", "-1"]) != 0  # a clear error, not a crash
+
+
+def test_cache_listing_of_a_missing_folder(monkeypatch, tmp_path):
+    from kohonen_vae.data import cache
+    monkeypatch.setenv(cache.ENV_CACHE, str(tmp_path / "never-created"))
+    assert cache.list_entries() == [] and cache.remove_entries() == (0, 0)
+    assert not (tmp_path / "never-created").exists()

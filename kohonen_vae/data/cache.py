@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -97,6 +98,10 @@ def load_entry(prefix: str, key: str) -> Optional[Dict[str, np.ndarray]]:
             out[m] = np.load(paths[m], mmap_mode="c") if spec["shape"] and np.prod(spec["shape"]) > 0 \
                 else np.load(paths[m])
         out["__meta__"] = meta.get("extra", {})
+        try:  # record the use: `kohonen-vae cache --older-than DAYS` prunes entries nobody loaded for a while
+            os.utime(meta_path)
+        except OSError:
+            pass  # a read-only cache is fine
         return out
     except Exception as exc:  # any damage at all means "rebuild"
         warnings.warn(f"kohonen_vae cache entry {meta_path.name} is unreadable or corrupt ({exc}); rebuilding it",
@@ -146,3 +151,68 @@ def cached_arrays(prefix: str, key_parts, build: Callable[[], Dict[str, np.ndarr
             arrays = reloaded
     arrays.setdefault("__meta__", extra)
     return arrays, {"cache": "built", "cache_path": None if path is None else str(path)}
+
+
+# ------------------------------------------------------------------------------------------------ housekeeping
+_ENTRY_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9_]+)-(?P<key>[0-9a-f]{20})\.json$")
+#: temp files of interrupted atomic writes: ".<final name>.<random>.tmp" (fileio) and ".folder-*.npy.tmp"
+_TEMP_NAME = re.compile(r"^\..+\.tmp$")
+
+
+def list_entries(directory: Optional[Path] = None) -> list:
+    """The cache's entries, most recently used first: dicts with ``name`` (``<prefix>-<key>``), ``prefix``,
+    ``files`` (the entry's json and .npy paths), ``bytes`` and ``mtime`` (last written or loaded, seconds
+    since the epoch). Only files named like this module's entries are listed: other files in the folder are not ours."""
+    d = Path(directory) if directory is not None else cache_dir()
+    if not d.is_dir():
+        return []
+    out = []
+    for meta in d.iterdir():
+        m = _ENTRY_NAME.match(meta.name)
+        if not m:
+            continue
+        stem = meta.name[: -len(".json")]
+        files = [meta] + sorted(p for p in d.glob(f"{stem}.*.npy") if p.is_file())
+        stats = [p.stat() for p in files if p.exists()]
+        out.append({"name": stem, "prefix": m["prefix"], "files": files, "bytes": sum(st.st_size for st in stats),
+                    "mtime": max(st.st_mtime for st in stats)})
+    return sorted(out, key=lambda e: -e["mtime"])
+
+
+def remove_entries(older_than_days: Optional[float] = None, directory: Optional[Path] = None,
+                   now: Optional[float] = None) -> Tuple[int, int]:
+    """Delete cache entries (all, or those not written or used for ``older_than_days``), their orphaned
+    .npy members and leftover temp files; returns (files removed, bytes freed). Files not named like this
+    module's entries are never touched, so pointing ``$KOHONEN_VAE_CACHE`` at a shared folder is safe."""
+    import time
+
+    d = Path(directory) if directory is not None else cache_dir()
+    if not d.is_dir():
+        return 0, 0
+    now = time.time() if now is None else now
+    cutoff = None if older_than_days is None else now - float(older_than_days) * 86400
+    doomed = []
+    for entry in list_entries(d):
+        if cutoff is None or entry["mtime"] < cutoff:
+            doomed += entry["files"]
+    kept = {e["name"] for e in list_entries(d)} - {p.name[: -len(".json")] for p in doomed if p.suffix == ".json"}
+    # members without a json and temp files: left by an interrupted write, or a write still in progress
+    # (the json comes last), so only once they are an hour (or --older-than) old
+    leftover_cutoff = now - 3600 if cutoff is None else min(cutoff, now - 3600)
+    for p in d.iterdir():
+        if not p.is_file() or p in doomed or p.stat().st_mtime >= leftover_cutoff:
+            continue
+        stem = p.name.split(".")[0]
+        orphan = p.suffix == ".npy" and _ENTRY_NAME.match(stem + ".json") and stem not in kept
+        if orphan or _TEMP_NAME.match(p.name):
+            doomed.append(p)
+    removed = freed = 0
+    for p in doomed:
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed += 1
+        freed += size
+    return removed, freed

@@ -6,11 +6,10 @@ with ``out=`` into one reused buffer, for several block sizes; every variant's i
     python benchmarks/ab_assignment_blocks.py --threads 2 --ks 512 4096 --out benchmarks/results/ab-assignment-blocks.md
 """
 import argparse
-import statistics
 import sys
-import time
 
 import torch
+from ab_common import emit, interleaved_median_ms
 
 
 def whole(z, e):
@@ -53,20 +52,9 @@ def main() -> None:
         reference = whole(z, e)
         for name, f in variants.items():
             assert torch.equal(f(), reference), name
-        times = {name: [] for name in variants}
-        names = list(variants)
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                variants[name]()
-                times[name].append(time.perf_counter() - t0)
-        med = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+        med = interleaved_median_ms(variants, args.rounds)
         lines.append(f"| {k:,} | {med['whole']:.1f} | " + " | ".join(f"{med[x]:.1f}" for x in args.exponents) + " |")
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
-
+    emit(lines, args.out)
 
 if __name__ == "__main__":
     main()

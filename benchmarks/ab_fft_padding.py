@@ -4,11 +4,10 @@ radius (the library) vs by the whole grid (exact for any kernel), one process, i
     python benchmarks/ab_fft_padding.py --shape 256 256 --steps 0 20 100 300 --out benchmarks/results/ab-fft-padding.md
 """
 import argparse
-import statistics
 import sys
-import time
 
 import torch
+from ab_common import emit, interleaved_median_ms
 
 from kohonen_vae.geometry import Grid
 from kohonen_vae.neighborhood import make_neighborhood
@@ -40,21 +39,13 @@ def main() -> None:
         radius = kernel.radius(t, radius_padded.cutoff)
         a, b = radius_padded(stats, t), grid_padded(stats, t)
         err = float((a - b).abs().max() / b.abs().max())
-        times = {"radius": [], "grid": []}
-        for _ in range(args.rounds):
-            for name, smoother in (("radius", radius_padded), ("grid", grid_padded)):
-                t0 = time.perf_counter()
-                smoother(stats, t)
-                times[name].append(time.perf_counter() - t0)
-        r_ms, g_ms = (1e3 * statistics.median(times[k]) for k in ("radius", "grid"))
+        med = interleaved_median_ms({"radius": lambda: radius_padded(stats, t), "grid": lambda: grid_padded(stats, t)},
+                                    args.rounds)
+        r_ms, g_ms = med["radius"], med["grid"]
         lengths = radius_padded._fft_lengths(list(reversed(grid.shape)), radius)
         lines.append(f"| {t} | {radius:.1f} | {' x '.join(map(str, lengths))} | {r_ms:.0f} | {g_ms:.0f} | "
                      f"{g_ms / r_ms:.2f}x | {err:.1e} |")
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n\n")
-
+    emit(lines, args.out)
 
 if __name__ == "__main__":
     main()

@@ -8,11 +8,10 @@
     python benchmarks/ab_forward_overheads.py --k 512 --neighborhood exponential --rounds 31
 """
 import argparse
-import statistics
 import sys
-import time
 
 import torch
+from ab_common import emit, interleaved_median_ms
 
 import kohonen_vae.quantizers.base as base
 import kohonen_vae.quantizers.kohonen as kohonen
@@ -53,34 +52,26 @@ def main() -> None:
     z = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     e = torch.randn(args.k, args.d)
     quantizers = {name: KohonenQuantizer(args.d, args.k, neighborhood=args.neighborhood).train() for name in variants}
-    names = ["floor"] + list(variants)
-    times = {name: [] for name in names}
-    for r in range(args.rounds + 2):  # two warm-up rounds
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if name == "floor":
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    torch.addmm(e.square().sum(1), z, e.t(), alpha=-2.0).argmin(1)
-            else:
-                base.straight_through, kohonen.batch_statistics = variants[name]
-                q = quantizers[name]
-                q.step.zero_()
-                t0 = time.perf_counter()
-                q(z)
-            if r >= 2:
-                times[name].append(time.perf_counter() - t0)
+
+    def floor():
+        with torch.no_grad():
+            torch.addmm(e.square().sum(1), z, e.t(), alpha=-2.0).argmin(1)
+
+    def prepare(name):  # untimed: install the variant's two functions, restart the schedule
+        def setup():
+            base.straight_through, kohonen.batch_statistics = variants[name]
+            quantizers[name].step.zero_()
+        return setup
+
+    runs = {"floor": floor, **{name: (lambda name=name: quantizers[name](z)) for name in variants}}
+    med = interleaved_median_ms(runs, args.rounds, warmup_rounds=2, setup={name: prepare(name) for name in variants})
     base.straight_through, kohonen.batch_statistics = library
-    floor = statistics.median(times["floor"])
     lines = [f"Command: `python {' '.join(sys.argv)}`", "",
              f"K = {args.k}, N = {args.n}, D = {args.d}, {args.neighborhood} kernel at step 0, {args.threads} threads, "
              f"median of {args.rounds} interleaved rounds", "", "| variant | ms | ratio to floor |", "| --- | --- | --- |"]
-    for name in names:
-        m = statistics.median(times[name])
-        lines.append(f"| {name} | {1e3 * m:.1f} | {m / floor:.3f}x |")
-    print("\n".join(lines))
-    if args.out:
-        with open(args.out, "a") as f:  # several kernels append to one file
-            f.write("\n".join(lines) + "\n\n")
+    for name, ms in med.items():
+        lines.append(f"| {name} | {ms:.1f} | {ms / med['floor']:.3f}x |")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -185,11 +185,9 @@ class GridSmoother:
         is below ``2 s`` (then ``2 s``, exact for any kernel). Every grid distance is at least the largest
         per-axis offset, so an offset wrapped around by the shorter period lands beyond the radius, where
         the kernel is below the cutoff: the same truncation as the stencil's."""
-        out = []
-        for s in sizes:
-            need = s + math.ceil(radius) if math.isfinite(radius) else 2 * s
-            out.append(_fast_fft_size(need) if need < 2 * s else 2 * s)
-        return [min(length, 2 * s) for length, s in zip(out, sizes)]
+        if not math.isfinite(radius):
+            return [2 * s for s in sizes]
+        return [min(_fast_fft_size(s + math.ceil(radius)), 2 * s) for s in sizes]
 
 
 def _fast_fft_size(n: int) -> int:

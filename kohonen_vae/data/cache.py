@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..fileio import atomic_write, atomic_write_bytes  # noqa: F401 (atomic_write_bytes: used by folder.py)
+from ..fileio import atomic_write, atomic_write_bytes
 
 ENV_CACHE = "KOHONEN_VAE_CACHE"
 
@@ -191,11 +191,12 @@ def remove_entries(older_than_days: Optional[float] = None, directory: Optional[
         return 0, 0
     now = time.time() if now is None else now
     cutoff = None if older_than_days is None else now - float(older_than_days) * 86400
-    doomed = []
+    doomed, kept = [], set()
     for entry in list_entries(d):
         if cutoff is None or entry["mtime"] < cutoff:
             doomed += entry["files"]
-    kept = {e["name"] for e in list_entries(d)} - {p.name[: -len(".json")] for p in doomed if p.suffix == ".json"}
+        else:
+            kept.add(entry["name"])
     # members without a json and temp files: left by an interrupted write, or a write still in progress
     # (the json comes last), so only once they are an hour (or --older-than) old
     leftover_cutoff = now - 3600 if cutoff is None else min(cutoff, now - 3600)

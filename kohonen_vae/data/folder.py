@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes
 from . import cache
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -146,7 +147,7 @@ def load_image_folder(folder: Path, size: int, label: str) -> Tuple[np.ndarray, 
             os.fsync(f.fileno())
         os.replace(tmp_files[-1], paths["x"])
         tmp_files.pop()
-        cache.atomic_write_bytes(meta_path, json.dumps({
+        atomic_write_bytes(meta_path, json.dumps({
             "members": {"x": {"shape": [int(ok.sum()), 3, size, size], "dtype": np.dtype(np.uint8).str}},
             "extra": {"skipped": skipped}}, indent=1).encode())
     finally:

@@ -13,7 +13,11 @@ overrides) and a number of seeds. :func:`reproduce` trains every variant x seed 
 
 Scales: ``paper`` is the paper's protocol (spec section 6), for GPUs. ``cpu`` is a reduced protocol in
 which each experiment takes about an hour or less on 2 CPU cores (see :data:`CPU_SCALE` and
-docs/results.md for how it differs). ``tiny`` is a seconds-long smoke scale for tests.
+docs/results.md for how it differs). ``long`` is the CPU protocol at length (:data:`LONG_SCALE`: 20,000
+steps of batch 64, validation on the whole validation split every 500 steps, the whole test split at the
+end), defined for the experiments in :data:`LONG_STEPS`. ``tiny`` is a seconds-long smoke scale for tests.
+
+Runs of the ``cpu`` scale go to ``OUT/EXPERIMENT``, those of other scales to ``OUT/EXPERIMENT-SCALE``.
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ EXPERIMENTS = {
         "main", "EMA-VQ vs KSOM-hard vs KSOM-Gaussian (2-D grid, N0 = 1) on CIFAR-10: final loss and convergence "
         "speed (the paper's main table, CIFAR-10 column).", "cifar10-ksom-hard",
         [Variant("EMA-VQ", EMA), Variant("KSOM hard", HARD), Variant("KSOM Gaussian", GAUSS)],
-        seeds={"paper": 5, "cpu": 3, "tiny": 1}),
+        seeds={"paper": 5, "cpu": 3, "long": 1, "tiny": 1}),
     "robustness": Experiment(
         "robustness", "{original, no-update} x {EMA-VQ, KSOM hard, KSOM Gaussian} x N0 in {0, 1} on CIFAR-10: "
         "EMA-VQ with N0 = 0 loses codes; KSOM is robust to it.", "cifar10-ksom-hard", _robustness_variants(),
@@ -140,6 +144,17 @@ CPU_STEPS = {"main": 1000, "robustness": 300, "ablation": 600, "gradient-som": 8
              "faces": 600, "figures": 1000}
 CPU_OVERRIDES = {"robustness": {"data": {"val_max_images": 1000}}}
 
+#: The long CPU protocol (issue "the paper's central claim at length"): the CPU scale's batch, but tens of
+#: epochs, the whole validation split every 500 steps and the whole test split at the end.
+LONG_SCALE = {
+    "cifar": {"data": {"val_max_images": None, "test_max_images": None},
+              "train": {"batch_size": 64, "eval_every": 500, "checkpoint_every": 500, "log_every": 50,
+                        "eval_batch_size": 500, "progress": True, "test_at_end": True}},
+}
+#: experiments defined at the long scale, and their steps (20,000 steps of batch 64: 32 epochs of the
+#: 40,000-image training split)
+LONG_STEPS = {"main": 20000}
+
 #: The smoke scale: bundled sample data, a small model, a handful of steps.
 TINY_SCALE = {
     "data": {"name": "sample", "val_max_images": 32, "test_max_images": 32, "image_size": None},
@@ -148,7 +163,7 @@ TINY_SCALE = {
               "eval_batch_size": 32, "progress": False, "test_at_end": False, "report": False},
 }
 TINY_CODEBOOK = 32
-SCALES = ("cpu", "paper", "tiny")
+SCALES = ("cpu", "long", "paper", "tiny")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -172,6 +187,11 @@ def build_config(experiment: Experiment, variant: Variant, scale: str, seed: int
         cfg = deep_merge(cfg, CPU_SCALE[experiment.dataset_kind])
         cfg = deep_merge(cfg, {"train": {"max_steps": CPU_STEPS[experiment.name]}})
         cfg = deep_merge(cfg, CPU_OVERRIDES.get(experiment.name, {}))
+    elif scale == "long":
+        if experiment.name not in LONG_STEPS or experiment.dataset_kind not in LONG_SCALE:
+            raise ValueError(f"the long scale is defined for {', '.join(LONG_STEPS)} only, not {experiment.name!r}")
+        cfg = deep_merge(cfg, LONG_SCALE[experiment.dataset_kind])
+        cfg = deep_merge(cfg, {"train": {"max_steps": LONG_STEPS[experiment.name]}})
     elif scale == "tiny":
         cfg = deep_merge(cfg, TINY_SCALE)
         quantizer["codebook_size"] = TINY_CODEBOOK
@@ -191,7 +211,9 @@ def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[experiment]
-    n = seeds if seeds is not None else exp.seeds[scale]
+    n = seeds if seeds is not None else exp.seeds.get(scale, 1)
+    if scale == "long" and experiment not in LONG_STEPS:
+        raise ConfigError(f"--scale long is defined for {', '.join(LONG_STEPS)} only, not {experiment!r}")
     if n < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n}")
     return [(v, s, build_config(exp, v, scale, s)) for v in exp.variants for s in range(n)]
@@ -199,26 +221,46 @@ def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
 
 # ------------------------------------------------------------------------------------------------- run
 def _run_state(run_dir: Path, config: dict) -> str:
-    """"done" (summary.json of this exact config), "partial" (a checkpoint to resume), or "new"."""
+    """"done" (summary.json of this exact config, trained to its max_steps), "partial" (a checkpoint to
+    resume, also a finished run whose max_steps was raised), or "new"."""
     from .models.factory import ConfigError
     from .training.config import RESUMABLE_CHANGES, changed_keys, resolve_config
 
     if (run_dir / "summary.json").is_file() and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
-        if not [k for k in changed_keys(saved, resolve_config(config)) if k not in RESUMABLE_CHANGES]:
+        resolved = resolve_config(config)
+        if [k for k in changed_keys(saved, resolved) if k not in RESUMABLE_CHANGES]:
+            raise ConfigError(f"{run_dir} holds a finished run of a different configuration; use another --out "
+                              "or delete that folder")
+        steps = json.loads((run_dir / "summary.json").read_text()).get("steps", 0)
+        if steps >= resolved["train"]["max_steps"]:
             return "done"
-        raise ConfigError(f"{run_dir} holds a finished run of a different configuration; use another --out "
-                         "or delete that folder")
     return "partial" if (run_dir / "checkpoints" / "last.pt").is_file() else "new"
 
 
+def run_finished(run_dir: Path) -> bool:
+    """True if the run wrote its summary.json after training to the max_steps of its config.json."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return summary.get("steps", 0) >= config.get("train", {}).get("max_steps", math.inf)
+
+
+def experiment_dir(out_dir, experiment: str, scale: str) -> Path:
+    """Folder of an experiment's runs and outputs: ``OUT/EXPERIMENT`` at the cpu scale, else ``OUT/EXPERIMENT-SCALE``."""
+    return Path(out_dir) / (experiment if scale == "cpu" else f"{experiment}-{scale}")
+
+
 def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | None = None, data_dir=None,
-                   device: str | None = None, log=print) -> list:
-    """Train every run of the experiment that is not finished yet; returns ``[(variant, seed, run_dir)]``."""
+                   device: str | None = None, log=print, train_runs: bool = True) -> list:
+    """Train every run of the experiment that is not finished yet; returns ``[(variant, seed, run_dir)]``.
+    ``train_runs=False`` trains nothing and only lists the runs (to aggregate a partly finished grid)."""
     from .training import train
 
     runs = plan(experiment, scale, seeds)
-    root = Path(out_dir) / experiment
+    root = experiment_dir(out_dir, experiment, scale)
     splits_cache: dict = {}
     done = []
     for i, (variant, seed, cfg) in enumerate(runs, 1):
@@ -231,6 +273,8 @@ def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | No
         tag = f"[{i}/{len(runs)}] {experiment}: {variant.label}, seed {seed}"
         if state == "done":
             log(f"{tag}: finished earlier, skipped")
+        elif not train_runs:
+            log(f"{tag}: {'unfinished' if state == 'partial' else 'not started'}, not trained (--no-train)")
         else:
             if state == "new" and run_dir.exists():
                 shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing worth keeping
@@ -263,23 +307,53 @@ def _mean_std(values):
     return mean, std
 
 
-def aggregate(experiment: str, runs) -> list:
-    """One row per variant: ``{"label", "n", "loss": (mean, std), "c10": (mean, std), "c20": (mean, std),
-    "perplexity": [mean per level], "used_codes": [mean per level]}`` from the runs' summary.json; the loss
-    is the best validation reconstruction MSE x the experiment's loss scale."""
+def reference_threshold(experiment: str, runs):
+    """The common convergence threshold of an experiment's table: the mean best validation MSE of its
+    EMA-VQ reference (the first variant with ``type = "ema"``) over its finished runs, or None."""
     exp = EXPERIMENTS[experiment]
+    ref = next((v for v in exp.variants if v.quantizer.get("type") == "ema"), None)
+    if ref is None:
+        return None
+    best = [json.loads((d / "summary.json").read_text())["best_val_recon"] for v, _, d in runs
+            if v.label == ref.label and run_finished(d)]
+    best = [b for b in best if b is not None]
+    return sum(best) / len(best) if best else None
+
+
+def steps_to_reach(evals, threshold):
+    """First evaluation step whose validation MSE is <= ``threshold`` (None if never or no threshold)."""
+    if threshold is None:
+        return None
+    return next((int(st) for st, v in evals if v <= threshold), None)
+
+
+def aggregate(experiment: str, runs) -> list:
+    """One row per variant over its *finished* runs (:func:`run_finished`): ``{"label", "n", "planned",
+    "loss": (mean, std), "c10", "c20", "reach": (mean, std), "reached": k, "perplexity": [mean per level],
+    "used_codes": [mean per level]}``; the loss is the best validation reconstruction MSE x the experiment's
+    loss scale, ``reach`` the steps to reach the EMA-VQ reference's mean best (:func:`reference_threshold`)
+    over the ``reached`` runs that got there. Variants with no finished run get a row with ``n = 0``."""
+    exp = EXPERIMENTS[experiment]
+    threshold = reference_threshold(experiment, runs)
     rows = []
     for variant in exp.variants:
-        summaries = [json.loads((d / "summary.json").read_text()) for v, _, d in runs
-                     if v.label == variant.label and (d / "summary.json").is_file()]
+        dirs = [d for v, _, d in runs if v.label == variant.label]
+        if not dirs:
+            continue
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs if run_finished(d)]
+        row = {"label": variant.label, "n": len(summaries), "planned": len(dirs)}
         if not summaries:
+            rows.append({**row, "loss": (None, None), "c10": (None, None), "c20": (None, None),
+                         "reach": (None, None), "reached": 0, "perplexity": [], "used_codes": []})
             continue
         loss = _mean_std([s["best_val_recon"] * exp.loss_scale for s in summaries if s["best_val_recon"] is not None])
+        reach = [steps_to_reach(s.get("evals", []), threshold) for s in summaries]
         levels = len(summaries[0]["final_perplexity"] or [])
         rows.append({
-            "label": variant.label, "n": len(summaries), "loss": loss,
+            **row, "loss": loss,
             "c10": _mean_std([s["converge_10_step"] for s in summaries]),
             "c20": _mean_std([s["converge_20_step"] for s in summaries]),
+            "reach": _mean_std(reach), "reached": sum(r is not None for r in reach),
             "perplexity": [_mean_std([s["final_perplexity"][lv] for s in summaries])[0] for lv in range(levels)],
             "used_codes": [_mean_std([s["final_used_codes"][lv] for s in summaries])[0] for lv in range(levels)],
         })
@@ -294,22 +368,34 @@ def _pm(ms, fmt):
 
 
 def markdown_table(experiment: str, rows) -> str:
-    """The paper's table layout as markdown."""
+    """The paper's table layout as markdown, plus "steps to reach EMA-VQ's best" (one common threshold:
+    the paper's +10%/+20% steps are relative to each run's own best, which flatters a run that stalls).
+    Runs not finished yet are not counted; their variant's row says how many of the planned runs are in."""
     exp = EXPERIMENTS[experiment]
     exponent = int(round(math.log10(exp.loss_scale)))
-    head = (f"| configuration | runs | best val MSE ×10^{exponent} | +10% step | +20% step | final perplexity "
-            "| used codes |\n|---|---|---|---|---|---|---|\n")
+    head = (f"| configuration | runs | best val MSE ×10^{exponent} | steps to EMA-VQ's best | +10% step | +20% step "
+            "| final perplexity | used codes |\n|---|---|---|---|---|---|---|---|\n")
     body = ""
+    unfinished = False
     for r in rows:
         ppl = " / ".join(f"{p:.0f}" for p in r["perplexity"])
         used = " / ".join(f"{u:.0f}" for u in r["used_codes"])
-        body += (f"| {r['label']} | {r['n']} | {_pm(r['loss'], '.2f')} | {_pm(r['c10'], '.0f')} | "
-                 f"{_pm(r['c20'], '.0f')} | {ppl} | {used} |\n")
+        runs = str(r["n"])
+        if r.get("planned", r["n"]) > r["n"]:
+            runs = f"{r['n']} of {r['planned']}*"
+            unfinished = True
+        reach = _pm(r["reach"], ".0f") if r.get("reached") else ("–" if r["n"] == 0 else "not reached")
+        if r.get("reached") and r["reached"] < r["n"]:
+            reach += f" ({r['reached']} of {r['n']} runs)"
+        body += (f"| {r['label']} | {runs} | {_pm(r['loss'], '.2f')} | {reach} | {_pm(r['c10'], '.0f')} | "
+                 f"{_pm(r['c20'], '.0f')} | {ppl or '–'} | {used or '–'} |\n")
+    if unfinished:
+        body += "\n\\* runs still training or not started are not counted in this row.\n"
     return head + body
 
 
 def _html_table(rows, experiment: str) -> str:
-    md = markdown_table(experiment, rows).strip().splitlines()
+    md = [line for line in markdown_table(experiment, rows).strip().splitlines() if line.startswith("|")]
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in md if not line.startswith("|---")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
@@ -326,7 +412,7 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     from .fileio import atomic_write_text
     from .training.checkpoint import read_metrics
 
-    root = Path(out_dir) / experiment
+    root = experiment_dir(out_dir, experiment, scale)
     exp = EXPERIMENTS[experiment]
     rows = aggregate(experiment, runs)
     table = markdown_table(experiment, rows)
@@ -336,7 +422,8 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
 
     first = {}
     for v, s, d in runs:
-        first.setdefault(v.label, d)
+        if (d / "checkpoints").is_dir() and any((d / "checkpoints" / f"{c}.pt").is_file() for c in ("last", "best")):
+            first.setdefault(v.label, d)
     loaded = [load_run(d) for d in first.values()]
     for run, label in zip(loaded, first):
         run.label = label
@@ -386,9 +473,10 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
 
 
 def reproduce(experiment: str, out_dir="runs/reproduce", scale: str = "cpu", seeds: int | None = None,
-              data_dir=None, device=None, command: str | None = None, log=print) -> dict:
-    """Run (or resume) an experiment and write its table, figures and report; returns the outputs."""
-    runs = run_experiment(experiment, out_dir, scale, seeds, data_dir, device, log)
+              data_dir=None, device=None, command: str | None = None, log=print, train_runs: bool = True) -> dict:
+    """Run (or resume) an experiment and write its table, figures and report; returns the outputs.
+    ``train_runs=False`` only aggregates what is there (unfinished runs are marked, not counted)."""
+    runs = run_experiment(experiment, out_dir, scale, seeds, data_dir, device, log, train_runs=train_runs)
     command = command or f"kohonen-vae reproduce {experiment} --scale {scale}" + (f" --seeds {seeds}" if seeds else "")
     return write_outputs(experiment, runs, out_dir, command, scale)
 
@@ -398,18 +486,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which of the paper's experiments")
     parser.add_argument("--scale", choices=SCALES, default="cpu",
                         help="cpu: reduced protocol, about an hour or less per experiment on 2 cores (default); "
+                             "long: the cpu protocol at 20,000 steps with full validation (main); "
                              "paper: the paper's protocol (GPU); tiny: seconds-long smoke run")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: per experiment)")
     parser.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     parser.add_argument("--data-dir", default=None, help="where the datasets are (default: search path)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the config's, auto)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: aggregate the runs that are there (unfinished ones are marked)")
 
 
 def run(args) -> int:
     """``kohonen-vae reproduce``: train, aggregate, print the table and where the outputs are."""
     argv = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kohonen-vae") else None
     command = f"kohonen-vae {argv}" if argv else None
-    out = reproduce(args.experiment, args.out, args.scale, args.seeds, args.data_dir, args.device, command)
+    out = reproduce(args.experiment, args.out, args.scale, args.seeds, args.data_dir, args.device, command,
+                    train_runs=not args.no_train)
     print()
     print(out["table"])
     print(f"table:  {out['results']}")

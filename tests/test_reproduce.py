@@ -2,13 +2,17 @@ import re
 
 import pytest
 
-from kohonen_vae.reproduce import EXPERIMENTS, SCALES, aggregate, markdown_table, plan, reproduce
+from kohonen_vae.reproduce import EXPERIMENTS, LONG_STEPS, SCALES, aggregate, markdown_table, plan, reproduce
 from kohonen_vae.training.config import resolve_config
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_configuration_grid_builds_and_validates(experiment, scale):
+    if scale == "long" and experiment not in LONG_STEPS:
+        with pytest.raises(ValueError, match="long is defined for"):
+            plan(experiment, scale, seeds=2)
+        return
     runs = plan(experiment, scale, seeds=2)
     assert len(runs) == 2 * len(EXPERIMENTS[experiment].variants)
     resolved = [resolve_config(cfg) for _, _, cfg in runs]
@@ -20,6 +24,11 @@ def test_every_configuration_grid_builds_and_validates(experiment, scale):
         assert all(c["train"]["max_steps"] == 30000 and c["train"]["eval_every"] == 1000 for c in resolved)
     if scale == "cpu":
         assert all(c["train"]["max_steps"] <= 1000 for c in resolved)
+    if scale == "long":  # whole validation and test splits, 16+ epochs of batch 64
+        for c in resolved:
+            t, d = c["train"], c["data"]
+            assert t["batch_size"] == 64 and t["max_steps"] >= 10000 and t["eval_every"] == 500
+            assert d["val_max_images"] is None and d["test_max_images"] is None and t["test_at_end"]
 
 
 def test_grids_cover_the_papers_tables():
@@ -53,7 +62,7 @@ def test_tiny_reproduction_end_to_end_then_skips_finished_runs(tmp_path):
     logs = []
     out = reproduce("main", tmp_path, scale="tiny", seeds=2, log=logs.append)
     assert sum("training" in line for line in logs) == 6
-    table = (tmp_path / "main" / "results.md").read_text()
+    table = (tmp_path / "main-tiny" / "results.md").read_text()
     for label in ("EMA-VQ", "KSOM hard", "KSOM Gaussian"):
         assert re.search(rf"\| {label} \| 2 \| \d+\.\d\d ± \d+\.\d\d \|", table), table
     assert "kohonen-vae reproduce main --scale tiny --seeds 2" in table
@@ -61,7 +70,7 @@ def test_tiny_reproduction_end_to_end_then_skips_finished_runs(tmp_path):
     assert "id='aggregate'" in html and "id='curves'" in html
     assert not re.search(r"(src|href)=[\"'](?!data:|#)", html)
     assert "http://" not in html and "https://" not in html
-    summaries = {p: p.stat().st_mtime_ns for p in tmp_path.glob("main/*/seed*/summary.json")}
+    summaries = {p: p.stat().st_mtime_ns for p in tmp_path.glob("main-tiny/*/seed*/summary.json")}
     assert len(summaries) == 6
 
     logs.clear()
@@ -71,22 +80,51 @@ def test_tiny_reproduction_end_to_end_then_skips_finished_runs(tmp_path):
     assert again["table"] == out["table"]
 
 
-def test_aggregate_means_and_stds(tmp_path):
+def _fake_run(d, best, evals, steps=1000, max_steps=1000, summary=True):
     import json
 
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"train": {"max_steps": max_steps}}))
+    if summary:
+        (d / "summary.json").write_text(json.dumps({
+            "steps": steps, "best_val_recon": best, "converge_10_step": evals[-1][0], "converge_20_step": evals[0][0],
+            "final_perplexity": [100.0], "final_used_codes": [200], "evals": evals}))
+    return d
+
+
+def test_aggregate_means_and_stds(tmp_path):
     from kohonen_vae.reproduce import Variant
 
     runs = []
     for seed, (loss, c20) in enumerate([(0.010, 100), (0.014, 300)]):
-        d = tmp_path / f"s{seed}"
-        d.mkdir()
-        (d / "summary.json").write_text(json.dumps({
-            "best_val_recon": loss, "converge_10_step": c20 + 50, "converge_20_step": c20,
-            "final_perplexity": [100.0 + seed], "final_used_codes": [200 + seed]}))
+        d = _fake_run(tmp_path / f"s{seed}", loss, [(c20, loss * 1.1), (c20 + 50, loss)])
         runs.append((Variant("EMA-VQ", {"type": "ema"}), seed, d))
     rows = aggregate("main", runs)
     assert len(rows) == 1 and rows[0]["n"] == 2
     mean, std = rows[0]["loss"]
     assert mean == pytest.approx(12.0) and std == pytest.approx(2.0 * 2 ** 0.5)
-    assert rows[0]["c20"][0] == pytest.approx(200) and rows[0]["perplexity"] == [pytest.approx(100.5)]
-    assert "| EMA-VQ | 2 | 12.00 ± 2.83 | 250 ± 141 | 200 ± 141 | 100 | 200 |" in markdown_table("main", rows)
+    assert rows[0]["c20"][0] == pytest.approx(200) and rows[0]["perplexity"] == [pytest.approx(100.5 - 0.5)]
+    # the common threshold is EMA-VQ's mean best, 0.012: seed 0 reaches it at 100 (0.011), seed 1 never does
+    assert rows[0]["reach"] == (100.0, 0.0) and rows[0]["reached"] == 1
+    assert ("| EMA-VQ | 2 | 12.00 ± 2.83 | 100 ± 0 (1 of 2 runs) | 250 ± 141 | 200 ± 141 | 100 | 200 |"
+            in markdown_table("main", rows))
+
+
+def test_partial_grid_counts_only_finished_runs_and_marks_the_rest(tmp_path):
+    from kohonen_vae.reproduce import Variant
+
+    ema, hard = Variant("EMA-VQ", {"type": "ema"}), Variant("KSOM hard", {"type": "ksom"})
+    runs = [
+        (ema, 0, _fake_run(tmp_path / "ema0", 0.010, [(500, 0.02), (1000, 0.010)])),
+        # a run extended to 2,000 steps that has not got there yet: its old summary must not count
+        (ema, 1, _fake_run(tmp_path / "ema1", 0.5, [(500, 0.5)], steps=1000, max_steps=2000)),
+        (hard, 0, _fake_run(tmp_path / "hard0", 0.008, [(500, 0.009), (1000, 0.008)])),
+        (hard, 1, _fake_run(tmp_path / "hard1", None, [], summary=False)),  # still training
+    ]
+    rows = {r["label"]: r for r in aggregate("main", runs)}
+    assert rows["EMA-VQ"]["n"] == 1 and rows["EMA-VQ"]["planned"] == 2
+    assert rows["EMA-VQ"]["loss"] == (pytest.approx(10.0), 0.0)  # the unfinished 0.5 is not averaged in
+    assert rows["KSOM hard"]["reach"] == (500.0, 0.0)  # 0.009 <= EMA-VQ's best 0.010 at step 500
+    table = markdown_table("main", rows.values())
+    assert "| EMA-VQ | 1 of 2* |" in table and "| KSOM hard | 1 of 2* |" in table
+    assert "not counted" in table

@@ -37,3 +37,11 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum of ``tensor`` over all ranks (one collective)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a collective of the default group must live: the current CUDA device for NCCL,
+    the CPU otherwise (gloo)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

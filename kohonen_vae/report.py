@@ -14,7 +14,8 @@ Python::
     from kohonen_vae.report import write_report
     write_report(["runs/demo/ema", "runs/demo/ksom-hard"], "runs/demo/report.html")
 
-The file is written atomically (temp file + fsync + ``os.replace``).
+The file is written atomically (temp file + fsync + ``os.replace``). It never replaces a file that is not a
+kohonen-vae report (reports carry ``<meta name="generator" content="kohonen-vae">``).
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import base64
 import datetime
 import html
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +33,8 @@ import torch
 
 #: validation images evaluated per run when neither --max-images nor data.val_max_images says otherwise
 DEFAULT_MAX_IMAGES = 2048
-#: config keys that do not change what a run computes (ignored when grouping seeds of one configuration)
-_NON_SEMANTIC = ("seed", "train.device", "train.progress", "train.tensorboard", "train.data_on_device",
-                 "data.data_dir", "data.download", "train.test_at_end", "train.checkpoint_every",
-                 "train.eval_batch_size")
+#: the generator tag of every report (a file without it is not ours and is never replaced)
+GENERATOR = "kohonen-vae"
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -79,26 +77,13 @@ def describe_config(config: dict) -> str:
     return label
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _semantic_key(config: dict) -> str:
-    flat = {k: v for k, v in _flatten(config).items() if k not in _NON_SEMANTIC}
-    return json.dumps(flat, sort_keys=True, default=str)
-
-
 def assign_labels(runs: Sequence[Run]) -> None:
     """Set ``run.label``: runs whose configs differ only in the seed (or in settings that change nothing
     computed) share a label, so the curves show them as one mean line with a band; different configurations
     that would get the same :func:`describe_config` label are told apart by their directory name."""
-    keys = [_semantic_key(r.config) for r in runs]
+    from .training.config import semantic_key
+
+    keys = [semantic_key(r.config) for r in runs]
     base = {k: describe_config(r.config) for r, k in zip(runs, keys)}
     for r, k in zip(runs, keys):
         clash = {kk for kk, b in base.items() if b == base[k]}
@@ -128,23 +113,50 @@ def load_run(run_dir, checkpoint: str = "last", device=None) -> Run:
         raise FileNotFoundError(f"{path}/checkpoints holds neither last.pt nor best.pt; the run saved no checkpoint "
                                 "yet (train longer than train.checkpoint_every steps, or wait for it to finish)")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, ckpt = load_model(path, which=found, map_location=device)
+    model, info = load_model(path, which=found, map_location=device)
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else None
     config = json.loads((path / "config.json").read_text())
     return Run(path=path, config=config, records=read_metrics(path / "metrics.jsonl"), summary=summary,
-               model=model, normalizer=Normalizer.from_dict(ckpt["normalizer"]), checkpoint=found,
-               step=int(ckpt["step"]), label=describe_config(config))
+               model=model, normalizer=Normalizer.from_dict(info.normalizer), checkpoint=found,
+               step=info.step, label=describe_config(config))
 
 
-def evaluation_images(config: dict, max_images: int | None = None) -> torch.Tensor:
+def evaluation_images(config: dict, max_images: int | None = None, _splits_cache: dict | None = None) -> torch.Tensor:
     """The run's validation images (uint8 (N, C, H, W)), the same split as in training, at most
-    ``max_images`` (default: data.val_max_images, else DEFAULT_MAX_IMAGES)."""
-    from .data import splits_from_config
+    ``max_images`` (default: data.val_max_images, else DEFAULT_MAX_IMAGES): the fixed seeded random subset
+    that training evaluates on (``data.evaluation_subset``), not the first images of the folder."""
+    from .data import evaluation_subset, splits_from_config, splits_key
 
     d = config["data"]
-    splits = splits_from_config(d, download=False)
+    key = splits_key(d)
+    cache = _splits_cache if _splits_cache is not None else {}
+    if key not in cache:
+        cache[key] = splits_from_config(d, download=False)
     n = max_images or d.get("val_max_images") or DEFAULT_MAX_IMAGES
-    return splits.val.images[:n]
+    return evaluation_subset(cache[key].val.images, n, d.get("split_seed", 0))
+
+
+def evaluate_runs(runs: Sequence[Run], max_images: int | None = None, batch_size: int = 256,
+                  progress: bool = False) -> list:
+    """Fill ``run.metrics`` and ``run.counts`` of loaded runs (:func:`kohonen_vae.metrics.evaluate_codebook`
+    on each run's evaluation images) and return those images, one tensor per run. Runs sharing a dataset
+    and split decode it once; runs sharing the evaluation images share the tensor."""
+    from .data import splits_key
+    from .metrics import evaluate_codebook
+
+    splits_cache: dict = {}
+    images_cache: dict = {}
+    images = []
+    for run in runs:
+        d = run.config["data"]
+        key = (splits_key(d), max_images or d.get("val_max_images"))
+        if key not in images_cache:
+            images_cache[key] = evaluation_images(run.config, max_images, splits_cache)
+        imgs = images_cache[key]
+        images.append(imgs)
+        run.metrics, run.counts = evaluate_codebook(run.model, imgs, run.normalizer, batch_size=batch_size,
+                                                    progress=progress, return_counts=True)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------- HTML
@@ -282,7 +294,7 @@ def _run_section(i: int, run: Run, images: torch.Tensor, show_offset: bool) -> s
     parts.append(f'<h3 id="run-{i}-metrics">Final metrics</h3>{_metrics_table(run)}')
     cfg_json = html.escape(json.dumps(run.config, indent=2))
     parts.append(f'<details id="run-{i}-config"><summary>config.json</summary><pre>{cfg_json}</pre></details>')
-    parts.append(f'<h3>Reconstructions</h3>' + _figure(
+    parts.append('<h3>Reconstructions</h3>' + _figure(
         figures.reconstructions_figure(model, images[:16], norm), "reconstructions",
         CAPTIONS["reconstructions"], f"run-{i}-reconstructions"))
     fixed = [run.metrics.get(f"{n}/most_used_code", 0) or 0 for n in names]
@@ -332,7 +344,7 @@ def render_report(runs: Sequence[Run], images: Sequence[torch.Tensor], title: st
             figures.index_offset_figure(offset_runs, images[0][0]), "index offset", CAPTIONS["offset"], "offset"))
     for i, (run, imgs) in enumerate(zip(runs, images)):
         parts.append(_run_section(i, run, imgs, show_offset=len(runs) == 1))
-    return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
+    return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><meta name=\"generator\" content=\"{GENERATOR}\">"
             f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
@@ -356,50 +368,60 @@ def _plain(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+def is_report_file(path) -> bool:
+    """True if ``path`` is a report this package wrote (its generator tag is in the first 2 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2048)
+    except OSError:
+        return False
+    return f'name="generator" content="{GENERATOR}"'.encode() in head
+
+
+def safe_report_path(path) -> Path:
+    """``path`` if a report may be written there: it does not exist, or it is one of our reports. Raises
+    :class:`~kohonen_vae.errors.ConfigError` for a folder or someone else's file (never replaced)."""
+    from .errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give the report's file name, e.g. {path / 'report.html'}")
+    if path.exists() and not is_report_file(path):
+        raise ConfigError(f"{path} exists and is not a kohonen-vae report; it is left alone: choose another --out")
+    return path
+
+
 def write_report(run_dirs, out_path=None, *, checkpoint: str = "last", max_images: int | None = None,
                  device=None, batch_size: int = 256, title: str | None = None, progress: bool = False,
                  echo: bool = False) -> Path:
     """Load the runs, evaluate their codebooks on their validation images, draw every figure and write one
     self-contained HTML file atomically; returns its path. Default ``out_path``: ``RUN_DIR/report.html`` for
-    one run, ``report.html`` in the runs' common parent folder for several. ``echo`` prints
-    :func:`format_key_metrics` of the runs."""
-    from .metrics import evaluate_codebook
+    one run, ``report.html`` in the current directory for several. An existing file there is replaced only
+    if it is a kohonen-vae report. ``echo`` prints :func:`format_key_metrics` of the runs."""
     from .fileio import atomic_write_text
 
     run_dirs = [Path(p) for p in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     if out_path is None:
-        out_path = (run_dirs[0] if len(run_dirs) == 1
-                    else Path(os.path.commonpath([str(p.resolve()) for p in run_dirs]))) / "report.html"
+        out_path = run_dirs[0] / "report.html" if len(run_dirs) == 1 else Path("report.html")
+    out_path = safe_report_path(out_path)
     runs = [load_run(p, checkpoint, device) for p in run_dirs]
     assign_labels(runs)
-    cache: dict = {}
-    images = []
-    for run in runs:
-        d = run.config["data"]
-        key = json.dumps([d.get("name"), d.get("data_dir"), d.get("image_size"), d.get("val_fraction"),
-                          d.get("split_seed"), max_images or d.get("val_max_images")], default=str)
-        if key not in cache:
-            cache[key] = evaluation_images(run.config, max_images)
-        imgs = cache[key]
-        images.append(imgs)
-        run.metrics, run.counts = evaluate_codebook(run.model, imgs, run.normalizer, batch_size=batch_size,
-                                                    progress=progress, return_counts=True)
+    images = evaluate_runs(runs, max_images, batch_size, progress)
     if echo:
         print(format_key_metrics(runs))
     text = render_report(runs, images, title)
-    out_path = Path(out_path)
     atomic_write_text(out_path, text)
     return out_path
 
 
-# -------------------------------------------------------------------------------------- CLI and hooks
+# ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``kohonen-vae report``."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by `train`")
     parser.add_argument("--out", help="output HTML file (default: RUN_DIR/report.html for one run, "
-                                      "report.html in the runs' common parent folder for several)")
+                                      "./report.html for several); only a kohonen-vae report is ever replaced")
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="which checkpoint of each run to analyse (default: last)")
     parser.add_argument("--max-images", type=int, default=None,
@@ -411,7 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``kohonen-vae report``: write the report and print its path."""
-    from .models.factory import ConfigError
+    from .errors import ConfigError
 
     if args.max_images is not None and args.max_images < 1:
         raise ConfigError(f"--max-images must be a positive integer, got {args.max_images}")
@@ -424,52 +446,16 @@ def run(args) -> int:
     return 0
 
 
-#: ``(help, add_arguments, run)`` entry for :data:`kohonen_vae.cli.SUBCOMMANDS`
-SUBCOMMAND = ("write a self-contained HTML report (figures, metrics, comparison) of one or more runs",
-              add_arguments, run)
-
-
-def write_report_hook(run_dir, summary=None) -> None:
-    """End-of-training hook ``(run_dir, summary)``: writes ``run_dir/report.html`` and prints its path, unless
-    the run's config sets ``train.report = false``. A failure is reported on stderr and does not fail the
-    (already saved) run."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text())
-        if config.get("train", {}).get("report", True) is False:
-            return
-        path = write_report([run_dir], Path(run_dir) / "report.html")
-        print(f"report: {path}")
-    except Exception as e:  # the run itself is complete and saved; the report can be redone with `report`
-        print(f"warning: could not write the report of {run_dir}: {type(e).__name__}: {e}. "
-              f"Retry with: kohonen-vae report {run_dir}", file=sys.stderr)
-
-
-def enable_training_report() -> None:
-    """Register :func:`write_report_hook` in the trainer's END_OF_TRAINING_HOOKS (once)."""
-    from .training import END_OF_TRAINING_HOOKS
-
-    if write_report_hook not in END_OF_TRAINING_HOOKS:
-        END_OF_TRAINING_HOOKS.append(write_report_hook)
-
-
-def register(subcommands: dict) -> dict:
-    """Add ``report`` to a CLI subcommand registry (``kohonen_vae.cli.SUBCOMMANDS``); returns it."""
-    subcommands["report"] = SUBCOMMAND
-    return subcommands
+HELP = "write a self-contained HTML report (figures, metrics, comparison) of one or more runs"
 
 
 def main(argv=None) -> int:
     """``python -m kohonen_vae.report RUN_DIR [RUN_DIR ...]``: the same as ``kohonen-vae report``."""
-    from .data import DatasetNotFoundError
-    from .models.factory import ConfigError
+    from .errors import run_command
 
-    parser = argparse.ArgumentParser(prog="python -m kohonen_vae.report", description=SUBCOMMAND[0])
+    parser = argparse.ArgumentParser(prog="python -m kohonen_vae.report", description=HELP)
     add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except (ConfigError, DatasetNotFoundError) as e:
-        print(f"kohonen-vae report: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("report", run, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

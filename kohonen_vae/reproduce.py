@@ -27,7 +27,6 @@ import copy
 import html
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -58,13 +57,18 @@ class Variant:
 
 @dataclass
 class Experiment:
+    """One experiment: its grid of variants on a base config, and its length at each scale."""
+
     name: str
     description: str
     base: str                      # bundled config name
     variants: list
     seeds: dict                    # scale -> default number of seeds
+    cpu_steps: int                 # training steps at the cpu scale
     loss_scale: int = 1000         # the table reports best validation MSE x loss_scale (x10^4 for faces)
     dataset_kind: str = "cifar"    # which CPU-scale settings apply
+    cpu_overrides: dict = field(default_factory=dict)  # merged into every config at the cpu scale
+    long_steps: int | None = None  # training steps at the long scale (None: not defined at that scale)
 
 
 def _robustness_variants():
@@ -81,11 +85,11 @@ EXPERIMENTS = {
         "main", "EMA-VQ vs KSOM-hard vs KSOM-Gaussian (2-D grid, N0 = 1) on CIFAR-10: final loss and convergence "
         "speed (the paper's main table, CIFAR-10 column).", "cifar10-ksom-hard",
         [Variant("EMA-VQ", EMA), Variant("KSOM hard", HARD), Variant("KSOM Gaussian", GAUSS)],
-        seeds={"paper": 5, "cpu": 3, "long": 1, "tiny": 1}),
+        seeds={"paper": 5, "cpu": 3, "long": 1, "tiny": 1}, cpu_steps=1000, long_steps=20000),
     "robustness": Experiment(
         "robustness", "{original, no-update} x {EMA-VQ, KSOM hard, KSOM Gaussian} x N0 in {0, 1} on CIFAR-10: "
         "EMA-VQ with N0 = 0 loses codes; KSOM is robust to it.", "cifar10-ksom-hard", _robustness_variants(),
-        seeds={"paper": 5, "cpu": 3, "tiny": 1}),
+        seeds={"paper": 5, "cpu": 3, "tiny": 1}, cpu_steps=300, cpu_overrides={"data": {"val_max_images": 1000}}),
     "ablation": Experiment(
         "ablation", "Neighbourhood ablation on CIFAR-10: none; hard 1-D; hard 2-D with tau in {1, 0.1, 0.01}; "
         "Gaussian 1-D; Gaussian 2-D with tau in {1, 0.1, 0.01}.", "cifar10-ksom-hard",
@@ -93,7 +97,7 @@ EXPERIMENTS = {
         + [Variant(f"hard 2-D tau={tau:g}", {**HARD, "shrink": tau}) for tau in (1.0, 0.1, 0.01)]
         + [Variant("Gaussian 1-D tau=0.1", {**GAUSS, "grid_dims": 1, "shrink": 0.1})]
         + [Variant(f"Gaussian 2-D tau={tau:g}", {**GAUSS, "shrink": tau}) for tau in (1.0, 0.1, 0.01)],
-        seeds={"paper": 3, "cpu": 2, "tiny": 1}),
+        seeds={"paper": 3, "cpu": 2, "tiny": 1}, cpu_steps=600),
     "gradient-som": Experiment(
         "gradient-som", "Gradient-descent SOM (neighbours pulled towards the detached winner, as the authors; and "
         "towards the input, SOM-VAE) vs EMA-VQ vs KSOM-hard vs the original gradient VQ on CIFAR-10.",
@@ -102,7 +106,7 @@ EXPERIMENTS = {
          Variant("GD-SOM hard (winner)", {"type": "gdsom", "neighborhood": "hard", "target": "winner"}),
          Variant("GD-SOM hard (input)", {"type": "gdsom", "neighborhood": "hard", "target": "input"}),
          Variant("VQ (gradient)", {"type": "gradient"})],
-        seeds={"paper": 3, "cpu": 2, "tiny": 1}),
+        seeds={"paper": 3, "cpu": 2, "tiny": 1}, cpu_steps=800),
     "sensitivity": Experiment(
         "sensitivity", "Hyper-parameter sensitivity of KSOM-hard (2-D) on CIFAR-10: codebook size K, commitment "
         "weight beta, and 1 - gamma.", "cifar10-ksom-hard",
@@ -113,19 +117,19 @@ EXPERIMENTS = {
         + [Variant(f"K={k}", {**HARD, "codebook_size": k}) for k in (1024,)]
         + [Variant(f"beta={b:g}", {**HARD, "commitment_weight": b}) for b in (0.0, 0.1, 0.5, 1.0)]
         + [Variant(f"1-gamma={g:g}", {**HARD, "decay": round(1 - g, 6)}) for g in (0.001, 0.03, 0.1, 0.5)],
-        seeds={"paper": 3, "cpu": 1, "tiny": 1}),
+        seeds={"paper": 3, "cpu": 1, "tiny": 1}, cpu_steps=500),
     "faces": Experiment(
         "faces", "VQ-VAE-2 on faces (UTKFace 64x64, the stand-in for the paper's CelebA-HQ + AFHQ mixture): "
         "EMA-VQ vs KSOM-hard vs KSOM-Gaussian; loss reported x10^4 as in the paper.", "faces-vqvae2",
         [Variant("EMA-VQ", EMA), Variant("KSOM hard", HARD), Variant("KSOM Gaussian", GAUSS)],
-        seeds={"paper": 3, "cpu": 2, "tiny": 1}, loss_scale=10_000, dataset_kind="faces"),
+        seeds={"paper": 3, "cpu": 2, "tiny": 1}, cpu_steps=600, loss_scale=10_000, dataset_kind="faces"),
     "figures": Experiment(
         "figures", "The paper's figures on CIFAR-10: codebook mosaics (EMA-VQ vs KSOM), index offset, perplexity "
         "over training, the N0 = 0 vs N0 = 1 training loss of EMA-VQ, and neighbourhood heat-maps.",
         "cifar10-ksom-hard",
         [Variant("EMA-VQ", EMA), Variant("EMA-VQ N0=0", {**EMA, "count_init": 0.0}), Variant("KSOM hard", HARD),
          Variant("KSOM Gaussian", GAUSS)],
-        seeds={"paper": 1, "cpu": 1, "tiny": 1}),
+        seeds={"paper": 1, "cpu": 1, "tiny": 1}, cpu_steps=1000),
 }
 
 # ------------------------------------------------------------------------------------------------ scales
@@ -140,9 +144,6 @@ CPU_SCALE = {
               "train": {"batch_size": 32, "eval_every": 50, "checkpoint_every": 100, "log_every": 10,
                         "eval_batch_size": 128, "progress": True}},
 }
-CPU_STEPS = {"main": 1000, "robustness": 300, "ablation": 600, "gradient-som": 800, "sensitivity": 500,
-             "faces": 600, "figures": 1000}
-CPU_OVERRIDES = {"robustness": {"data": {"val_max_images": 1000}}}
 
 #: The long CPU protocol (issue "the paper's central claim at length"): the CPU scale's batch, but tens of
 #: epochs, the whole validation split every 500 steps and the whole test split at the end.
@@ -151,9 +152,6 @@ LONG_SCALE = {
               "train": {"batch_size": 64, "eval_every": 500, "checkpoint_every": 500, "log_every": 50,
                         "eval_batch_size": 500, "progress": True, "test_at_end": True}},
 }
-#: experiments defined at the long scale, and their steps (20,000 steps of batch 64: 32 epochs of the
-#: 40,000-image training split)
-LONG_STEPS = {"main": 20000}
 
 #: The smoke scale: bundled sample data, a small model, a handful of steps.
 TINY_SCALE = {
@@ -164,6 +162,11 @@ TINY_SCALE = {
 }
 TINY_CODEBOOK = 32
 SCALES = ("cpu", "long", "paper", "tiny")
+
+
+def long_experiments() -> list[str]:
+    """Names of the experiments defined at the long scale."""
+    return [name for name, e in EXPERIMENTS.items() if e.long_steps is not None]
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -185,13 +188,14 @@ def build_config(experiment: Experiment, variant: Variant, scale: str, seed: int
     quantizer = {"codebook_size": base_q.get("codebook_size", 512)}
     if scale == "cpu":
         cfg = deep_merge(cfg, CPU_SCALE[experiment.dataset_kind])
-        cfg = deep_merge(cfg, {"train": {"max_steps": CPU_STEPS[experiment.name]}})
-        cfg = deep_merge(cfg, CPU_OVERRIDES.get(experiment.name, {}))
+        cfg = deep_merge(cfg, {"train": {"max_steps": experiment.cpu_steps}})
+        cfg = deep_merge(cfg, experiment.cpu_overrides)
     elif scale == "long":
-        if experiment.name not in LONG_STEPS or experiment.dataset_kind not in LONG_SCALE:
-            raise ValueError(f"the long scale is defined for {', '.join(LONG_STEPS)} only, not {experiment.name!r}")
+        if experiment.long_steps is None or experiment.dataset_kind not in LONG_SCALE:
+            raise ValueError(f"the long scale is defined for {', '.join(long_experiments())} only, "
+                             f"not {experiment.name!r}")
         cfg = deep_merge(cfg, LONG_SCALE[experiment.dataset_kind])
-        cfg = deep_merge(cfg, {"train": {"max_steps": LONG_STEPS[experiment.name]}})
+        cfg = deep_merge(cfg, {"train": {"max_steps": experiment.long_steps}})
     elif scale == "tiny":
         cfg = deep_merge(cfg, TINY_SCALE)
         quantizer["codebook_size"] = TINY_CODEBOOK
@@ -212,8 +216,8 @@ def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
         raise ConfigError(f"unknown experiment {experiment!r}; choose one of {', '.join(EXPERIMENTS)}")
     exp = EXPERIMENTS[experiment]
     n = seeds if seeds is not None else exp.seeds.get(scale, 1)
-    if scale == "long" and experiment not in LONG_STEPS:
-        raise ConfigError(f"--scale long is defined for {', '.join(LONG_STEPS)} only, not {experiment!r}")
+    if scale == "long" and exp.long_steps is None:
+        raise ConfigError(f"--scale long is defined for {', '.join(long_experiments())} only, not {experiment!r}")
     if n < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n}")
     return [(v, s, build_config(exp, v, scale, s)) for v in exp.variants for s in range(n)]
@@ -276,22 +280,21 @@ def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | No
         elif not train_runs:
             log(f"{tag}: {'unfinished' if state == 'partial' else 'not started'}, not trained (--no-train)")
         else:
-            if state == "new" and run_dir.exists():
-                shutil.rmtree(run_dir)  # killed before its first checkpoint: nothing worth keeping
             log(f"{tag}: {'resuming' if state == 'partial' else 'training'} -> {run_dir}")
             t0 = time.perf_counter()
-            train(cfg, run_dir, resume=state == "partial", splits=_splits_for(cfg, splits_cache))
+            # resume=True also restarts a run killed before its first checkpoint (the trainer decides; it
+            # never deletes anything and refuses a folder that is not one of our runs)
+            train(cfg, run_dir, resume=True, splits=_splits_for(cfg, splits_cache))
             log(f"{tag}: done in {time.perf_counter() - t0:.0f} s")
         done.append((variant, seed, run_dir))
     return done
 
 
 def _splits_for(cfg: dict, cache: dict):
-    from .data import splits_from_config
+    from .data import splits_from_config, splits_key
 
     d = cfg["data"]
-    key = json.dumps([d.get("name"), d.get("data_dir"), d.get("image_size"), d.get("val_fraction", 0.2),
-                      d.get("split_seed", 0)], default=str)
+    key = splits_key(d)
     if key not in cache:
         cache[key] = splits_from_config(d)
     return cache[key]
@@ -407,8 +410,7 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     import matplotlib.pyplot as plt
 
     from . import figures
-    from .report import evaluation_images, load_run, render_report
-    from .metrics import evaluate_codebook
+    from .report import evaluate_runs, load_run, render_report
     from .fileio import atomic_write_text
     from .training.checkpoint import read_metrics
 
@@ -427,11 +429,7 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     loaded = [load_run(d) for d in first.values()]
     for run, label in zip(loaded, first):
         run.label = label
-    images = []
-    for run in loaded:
-        imgs = evaluation_images(run.config, 512)
-        images.append(imgs)
-        run.metrics, run.counts = evaluate_codebook(run.model, imgs, run.normalizer, return_counts=True)
+    images = evaluate_runs(loaded, max_images=512)
     if experiment == "figures":
         by = {r.label: r for r in loaded}
         ema, ksom = by.get("EMA-VQ"), by.get("KSOM hard")
@@ -509,5 +507,4 @@ def run(args) -> int:
     return 0
 
 
-SUBCOMMAND = ("run one of the paper's experiments (configurations x seeds), aggregate its table and figures",
-              add_arguments, run)
+HELP = "run one of the paper's experiments (configurations x seeds), aggregate its table and figures"

@@ -1,5 +1,6 @@
 """Command line: --set parsing, bundled configs, clean errors, resume without --config, the demo."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -106,9 +107,28 @@ def test_demo_writes_a_table_and_one_run_per_method(tmp_path, capsys):
         assert json.loads((run / "config.json").read_text())["model"]["quantizer"]["type"] == qtype
         # the table shows this run's numbers
         assert f"{summary['best_val_recon']:.4f}" in text
-    # rerunning the demo replaces its own previous output
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"] + shrink) == 0
-    assert json.loads((tmp_path / "demo" / "ema" / "summary.json").read_text())["steps"] == 1
+    assert "ms/step" in text and "to EMA-VQ's best" in text
+
+
+def test_demo_never_deletes_or_overwrites_and_picks_a_fresh_default_folder(tmp_path, monkeypatch, capsys):
+    """Issue 10.1: `demo --out DIR` used to rmtree DIR/ema when DIR/ema/config.json existed."""
+    user = tmp_path / "mine"
+    (user / "ema" / "src").mkdir(parents=True)
+    (user / "ema" / "config.json").write_text('{"mine": true}')
+    (user / "ema" / "src" / "main.py").write_text("print('my code')")
+    (user / "report.html").write_text("<p>my report</p>")
+    assert main(["demo", "--out", str(user), "--steps", "1"]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert (user / "ema" / "src" / "main.py").read_text() == "print('my code')"
+    assert (user / "ema" / "config.json").read_text() == '{"mine": true}'
+    assert (user / "report.html").read_text() == "<p>my report</p>"
+    # without --out: runs/demo, then runs/demo-2 (never the previous demo's folder)
+    from kohonen_vae.cli import demo_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert demo_folder(None) == Path("runs") / "demo"
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    assert demo_folder(None) == Path("runs") / "demo-2"
 
 
 def test_subcommand_registry_is_extensible():
@@ -126,8 +146,16 @@ def test_subcommand_registry_is_extensible():
 def test_format_comparison():
     evals = [[4, 0.9], [8, 0.7], [12, 0.55], [16, 0.5]]
     rows = [("EMA-VQ", {"best_val_recon": 0.5, "best_step": 16, "converge_20_step": 12, "converge_10_step": 16,
-                        "final_perplexity": [100.0], "final_used_codes": [200], "evals": evals}, 12.0)]
+                        "final_perplexity": [100.0], "final_used_codes": [200], "evals": evals}, 0.012),
+            # stalls at 0.6: its own +20% step is early (4), but it never reaches EMA-VQ's best
+            ("Stalled", {"best_val_recon": 0.6, "best_step": 4, "converge_20_step": 4, "converge_10_step": 4,
+                         "final_perplexity": [3.0], "final_used_codes": [3], "evals": [[4, 0.6], [16, 0.65]]}, 0.02),
+            ("KSOM-hard", {"best_val_recon": 0.4, "best_step": 16, "converge_20_step": 12, "converge_10_step": 16,
+                           "final_perplexity": [90.0], "final_used_codes": [150],
+                           "evals": [[4, 0.8], [8, 0.45], [12, 0.42], [16, 0.4]]}, None)]
     table = format_comparison(rows)
-    header, _, row = table.splitlines()[:3]
+    header, _, ema, stalled, ksom = table.splitlines()[:5]
     assert header.split()[:4] == ["method", "val", "MSE", "@4"]  # the evaluation closest to a quarter of 16 steps
-    assert row.split() == ["EMA-VQ", "0.9000", "0.5000", "16", "12", "16", "100.0", "200", "12", "s"]
+    assert ema.split() == ["EMA-VQ", "0.9000", "0.5000", "16", "16", "12", "16", "100.0", "200", "12"]
+    assert stalled.split() == ["Stalled", "0.6000", "0.6000", "4", "never", "4", "4", "3.0", "3", "20"]
+    assert ksom.split() == ["KSOM-hard", "0.8000", "0.4000", "16", "8", "12", "16", "90.0", "150", "-"]

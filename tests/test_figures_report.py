@@ -166,18 +166,14 @@ def check_self_contained(text):
 
 def test_report_of_tiny_runs_is_self_contained_and_complete(tmp_path, capsys):
     from kohonen_vae import report
-    from kohonen_vae.training import END_OF_TRAINING_HOOKS
 
     full = load_splits("sample")
     splits = type(full)(train=type(full.train)(full.train.images[:64], None, "train"), val=full.val, test=None,
                         normalizer=full.normalizer, info=full.info)
-    report.enable_training_report()
-    try:
-        train_tiny(tmp_path / "ksom", "ksom", splits)  # the end-of-training hook writes ksom/report.html
-    finally:
-        END_OF_TRAINING_HOOKS.remove(report.write_report_hook)
+    train_tiny(tmp_path / "ksom", "ksom", splits)
     train_tiny(tmp_path / "ema", "ema", splits)
-    assert (tmp_path / "ksom" / "report.html").is_file() and not (tmp_path / "ema" / "report.html").exists()
+    assert not (tmp_path / "ksom" / "report.html").exists()  # train() itself writes no report
+    assert report.write_report([tmp_path / "ksom"]) == tmp_path / "ksom" / "report.html"
 
     single = (tmp_path / "ksom" / "report.html").read_text()
     # curves, reconstructions, mosaic, U-matrix, neighbourhood, offset
@@ -206,6 +202,11 @@ def test_report_of_tiny_runs_is_self_contained_and_complete(tmp_path, capsys):
     summary = json.loads((tmp_path / "ema" / "summary.json").read_text())
     assert f"{summary['best_val_recon']:.4g}" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.html", "ema", "ksom"]  # atomic, no temp files
+    # a file that is not one of our reports is never replaced
+    (tmp_path / "notes.html").write_text("<html>my notes</html>")
+    with pytest.raises(ValueError, match="not a kohonen-vae report"):
+        report.write_report([tmp_path / "ksom"], tmp_path / "notes.html")
+    assert (tmp_path / "notes.html").read_text() == "<html>my notes</html>"
 
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         report.write_report([tmp_path], tmp_path / "x.html")

@@ -2,14 +2,14 @@ import re
 
 import pytest
 
-from kohonen_vae.reproduce import EXPERIMENTS, LONG_STEPS, SCALES, aggregate, markdown_table, plan, reproduce
+from kohonen_vae.reproduce import EXPERIMENTS, SCALES, long_experiments, aggregate, markdown_table, plan, reproduce
 from kohonen_vae.training.config import resolve_config
 
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_configuration_grid_builds_and_validates(experiment, scale):
-    if scale == "long" and experiment not in LONG_STEPS:
+    if scale == "long" and experiment not in long_experiments():
         with pytest.raises(ValueError, match="long is defined for"):
             plan(experiment, scale, seeds=2)
         return

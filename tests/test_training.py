@@ -40,9 +40,10 @@ def reference_run(tmp_path_factory):
 
 def test_run_directory_and_learning(reference_run):
     out, summary = reference_run
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "data.json", "metrics.jsonl",
-                                                      "summary.json"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".kohonen-vae-run", ".kohonen-vae.lock", "checkpoints",
+                                                      "config.json", "data.json", "metrics.jsonl", "summary.json"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.prev.pt", "last.pt"]
+    assert load_checkpoint(out / "checkpoints" / "last.prev.pt")["step"] == 15  # the fallback: the last but one
     cfg = json.loads((out / "config.json").read_text())
     assert cfg == resolve_config(cfg) and cfg["train"]["max_steps"] == 20  # fully resolved and reloadable
     records = read_metrics(out / "metrics.jsonl")
@@ -129,13 +130,13 @@ def test_atomic_write_keeps_old_file_when_replace_fails(tmp_path, monkeypatch):
 
 def test_load_model_rebuilds_the_trained_model(reference_run):
     out, _ = reference_run
-    model, ckpt = load_model(out, which="last")
-    assert not model.training and ckpt["step"] == 20
-    from kohonen_vae.data import Normalizer, load_splits
+    model, info = load_model(out, which="last")
+    assert not model.training and info.step == 20 and info.config["train"]["max_steps"] == 20
+    from kohonen_vae.data import Normalizer, evaluation_subset, load_splits
 
     splits = load_splits("sample")
     norm = Normalizer.from_dict(json.loads((out / "data.json").read_text())["normalization"])
-    images = splits.val.images[:64]
+    images = evaluation_subset(splits.val.images, 64, seed=0)  # what training evaluated (val_max_images = 64)
     x = norm.normalize(images)
     with torch.no_grad():
         direct = F.mse_loss(model(x).reconstruction, x).item()
@@ -202,8 +203,8 @@ def test_two_process_data_parallel_run(reference_run, tmp_path):
     assert proc.returncode == 0, stderr[-3000:]
     assert stdout.count("done:") == 1  # only rank 0 reports
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "dump"]
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "data.json", "metrics.jsonl",
-                                                      "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".kohonen-vae-run", ".kohonen-vae.lock", "checkpoints",
+                                                      "config.json", "data.json", "metrics.jsonl", "summary.json"]
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
     for k in r0:

@@ -8,9 +8,10 @@ Images stay uint8 (decoded once, cached as .npy); normalisation happens per batc
 """
 from .cache import cache_dir
 from .cifar import ChecksumError
-from .loader import (DATASETS, data_roots, load_splits, resize_uint8, shared_data_dir, split_indices,
-                     splits_from_config)
+from .loader import (DATASETS, data_roots, evaluation_indices, evaluation_subset, load_splits, resize_uint8,
+                     shared_data_dir, split_indices, splits_from_config, splits_key)
 from .types import DatasetNotFoundError, DatasetSplits, ImageSet, Normalizer
 
 __all__ = ["load_splits", "splits_from_config", "DATASETS", "DatasetNotFoundError", "Normalizer", "ImageSet", "DatasetSplits",
-           "ChecksumError", "cache_dir", "data_roots", "shared_data_dir", "resize_uint8", "split_indices"]
+           "ChecksumError", "cache_dir", "data_roots", "shared_data_dir", "resize_uint8", "split_indices",
+           "evaluation_indices", "evaluation_subset", "splits_key"]

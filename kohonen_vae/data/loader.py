@@ -206,6 +206,23 @@ def split_indices(n: int, val_fraction: float, split_seed: int) -> Tuple[torch.T
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def evaluation_indices(n: int, max_images: Optional[int], seed: int = 0) -> Optional[torch.Tensor]:
+    """Which of ``n`` images an evaluation capped at ``max_images`` uses: None (all of them) if there is no
+    cap or it is >= n, else ``sort(randperm(n, Generator().manual_seed(seed + 1))[:max_images])``, a fixed
+    random subset (the same for every run with the same split seed; independent of file order, so a folder
+    sorted by class is not evaluated on its first classes only)."""
+    if max_images is None or int(max_images) >= n:
+        return None
+    g = torch.Generator().manual_seed(int(seed) + 1)  # + 1: not the permutation that drew the split itself
+    return torch.randperm(n, generator=g)[: int(max_images)].sort().values
+
+
+def evaluation_subset(images: torch.Tensor, max_images: Optional[int], seed: int = 0) -> torch.Tensor:
+    """``images`` restricted to :func:`evaluation_indices` (all of them when uncapped)."""
+    idx = evaluation_indices(images.shape[0], max_images, seed)
+    return images if idx is None else _take(images, idx)
+
+
 def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx).contiguous()
 
@@ -286,6 +303,15 @@ def load_splits(name: str, data_dir=None, image_size: Optional[int] = None, val_
             "split_seed": int(split_seed), "normalization": normalizer.to_dict(),
             "load_seconds": round(time.perf_counter() - t0, 3)}
     return DatasetSplits(train=train, val=val, test=test, normalizer=normalizer, info=info)
+
+
+def splits_key(data: dict) -> str:
+    """A string equal for two ``data`` tables iff :func:`splits_from_config` gives them the same splits
+    (name, data_dir, image_size, val_fraction, split_seed): the key of every cache of loaded splits."""
+    import json
+
+    return json.dumps([data.get("name"), data.get("data_dir"), data.get("image_size"), data.get("val_fraction", 0.2),
+                       data.get("split_seed", 0)], default=str)
 
 
 def splits_from_config(data: dict, download: Optional[bool] = None) -> DatasetSplits:

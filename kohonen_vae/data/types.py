@@ -7,9 +7,7 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset is not on disk. The message names the dataset, every path looked at and how to get it."""
+from ..errors import DatasetNotFoundError  # noqa: F401 (its home is kohonen_vae.errors; re-exported here)
 
 
 @dataclass

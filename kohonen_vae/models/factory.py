@@ -17,12 +17,9 @@ from __future__ import annotations
 import copy
 import inspect
 
+from ..errors import ConfigError
 from ..quantizers import QUANTIZERS, KohonenQuantizer
 from .vqvae import VQVAE, VQVAE2
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid; the message names the key, the valid choices and the fix."""
 
 
 ARCHITECTURES = {"vqvae": VQVAE, "vqvae2": VQVAE2}

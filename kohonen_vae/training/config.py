@@ -66,16 +66,29 @@ DEFAULTS = {"seed": 0, "data": DATA_DEFAULTS, "model": {}, "train": TRAIN_DEFAUL
 RESUMABLE_CHANGES = {"train.max_steps", "train.progress", "train.tensorboard", "train.device", "data.data_dir",
                      "train.test_at_end", "train.data_on_device", "train.report"}
 
+#: keys that do not change what a run computes (ignored when runs are grouped as seeds of one configuration)
+NON_SEMANTIC_KEYS = {"train.device", "train.progress", "train.tensorboard", "train.data_on_device", "data.data_dir",
+                     "data.download", "train.test_at_end", "train.checkpoint_every", "train.eval_batch_size",
+                     "train.report"}
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (empty tables stay as values)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = v
     return out
+
+
+def semantic_key(config: dict) -> str:
+    """A string equal for two configs iff they compute the same thing up to the seed (seeds of one
+    configuration): the flattened config without ``seed`` and :data:`NON_SEMANTIC_KEYS`."""
+    flat = {k: v for k, v in flatten_config(config).items() if k != "seed" and k not in NON_SEMANTIC_KEYS}
+    return json.dumps(flat, sort_keys=True, default=str)
 
 
 def _check_keys(section: str, given: dict, defaults: dict) -> None:
@@ -238,5 +251,5 @@ def apply_overrides(config: dict, assignments) -> dict:
 
 def changed_keys(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two resolved configs."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_config(old), flatten_config(new)
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))

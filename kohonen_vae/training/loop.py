@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import distributed
-from ..errors import ConfigError, ResumeError
+from ..errors import ConfigError, ResumeError, disk_full_error, is_disk_full
 from ..models import build_model, check_image_size
 from ..quantizers import apply_pending_updates
 from ..quantizers.base import perplexity_from_counts
@@ -197,8 +197,13 @@ def train(config: dict, out_dir, *, resume: bool = False, splits=None, resume_fr
 
     def log(record: dict) -> None:
         if master:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            try:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full_error(out / "metrics.jsonl", e) from e
+                raise
             if writer is not None:
                 _log_tensorboard(writer, record)
 

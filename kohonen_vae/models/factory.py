@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
+import math
 
 from ..errors import ConfigError
 from ..quantizers import QUANTIZERS, KohonenQuantizer
@@ -90,9 +92,22 @@ def resolve_quantizer_config(config: dict) -> dict:
     resolved = {"type": qtype}
     for name, default in opts.items():
         resolved[name] = _json_safe(cfg.get(name, default))
-    if resolved.get("grid_shape") is not None:
-        resolved["grid_shape"] = [int(s) for s in resolved["grid_shape"]]
+    shape = resolved.get("grid_shape")
+    if shape is not None:
+        if not (isinstance(shape, list) and shape and all(_is_positive_int(s) for s in shape)):
+            raise ConfigError(f"quantizer.grid_shape must be a list of positive integers such as [32, 16], got {shape!r}")
+        resolved["grid_shape"] = [int(s) for s in shape]
+    for name, value in resolved.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"quantizer.{name} must be a finite number, got {value!r}")
     return resolved
+
+
+def _is_positive_int(v) -> bool:
+    """An int (or an integral float such as 8.0 from JSON) >= 1; not a bool."""
+    if isinstance(v, bool):
+        return False
+    return (isinstance(v, int) and v >= 1) or (isinstance(v, float) and v.is_integer() and v >= 1)
 
 
 def resolve_model_config(config: dict) -> dict:
@@ -114,7 +129,23 @@ def resolve_model_config(config: dict) -> dict:
     if resolved["channels"] % 2:
         raise ConfigError(f"model.channels must be even (the first conv has channels/2 outputs), got {resolved['channels']}")
     resolved["quantizer"] = resolve_quantizer_config(cfg.get("quantizer", {}))
+    _check_quantizer_builds(resolved["quantizer"], resolved["embed_dim"])
     return resolved
+
+
+def _check_quantizer_builds(qcfg: dict, dim: int) -> None:
+    """Build the quantiser once, so that every value its constructor rejects (a decay outside [0, 1), a
+    grid that does not hold K codes ...) fails when the config is resolved, before any data is decoded.
+    Memoised: configs are resolved several times per run."""
+    key = json.dumps([qcfg, dim], sort_keys=True, default=str)
+    if key not in _BUILD_CHECKED:
+        build_quantizer(qcfg, dim)
+        if len(_BUILD_CHECKED) > 256:
+            _BUILD_CHECKED.clear()
+        _BUILD_CHECKED.add(key)
+
+
+_BUILD_CHECKED: set = set()
 
 
 def build_quantizer(config: dict, dim: int):
@@ -125,6 +156,8 @@ def build_quantizer(config: dict, dim: int):
         cfg["grid_shape"] = tuple(cfg["grid_shape"])
     try:
         return cls(dim=dim, accept_image_fmap=True, **cfg)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid quantizer option: {e}") from e
 

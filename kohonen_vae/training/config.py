@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 from ..models.factory import MODEL_DEFAULTS, ConfigError, resolve_model_config
@@ -107,6 +108,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def resolve_config(config: dict) -> dict:
     """Validate ``config`` and return a new dict with every default filled in (raises :class:`ConfigError`)."""
     if not isinstance(config, dict):
@@ -123,7 +129,8 @@ def resolve_config(config: dict) -> dict:
         "model": resolve_model_config(config.get("model", {})),
         "train": {**copy.deepcopy(TRAIN_DEFAULTS), **copy.deepcopy(config.get("train", {}))},
     }
-    _require(_is_int(cfg["seed"]) and cfg["seed"] >= 0, f"seed must be a non-negative integer, got {cfg['seed']!r}")
+    _require(_is_int(cfg["seed"]) and 0 <= cfg["seed"] < 2 ** 32,
+             f"seed must be an integer in [0, 2**32) (numpy's seed range), got {cfg['seed']!r}")
     d, t = cfg["data"], cfg["train"]
     _require(isinstance(d["name"], str) and d["name"] != "", f"data.name must be a dataset name, got {d['name']!r}")
     try:
@@ -135,18 +142,23 @@ def resolve_config(config: dict) -> dict:
                  f"unknown data.name {d['name']!r}; valid: {', '.join(DATASETS)}, folder:PATH")
     _require(d["image_size"] is None or (_is_int(d["image_size"]) and d["image_size"] > 0),
              f"data.image_size must be a positive integer or absent, got {d['image_size']!r}")
-    _require(isinstance(d["val_fraction"], (int, float)) and 0 < d["val_fraction"] < 1,
+    _require(_is_number(d["val_fraction"]) and 0 < d["val_fraction"] < 1,
              f"data.val_fraction must be in (0, 1), got {d['val_fraction']!r}")
+    _require(_is_int(d["split_seed"]) and 0 <= d["split_seed"] < 2 ** 63,
+             f"data.split_seed must be a non-negative integer, got {d['split_seed']!r}")
     _require(isinstance(d["download"], bool), "data.download must be true or false")
     for k in ("val_max_images", "test_max_images"):
         _require(d[k] is None or (_is_int(d[k]) and d[k] > 0), f"data.{k} must be a positive integer or absent")
     for k in ("batch_size", "max_steps", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         _require(_is_int(t[k]) and t[k] > 0, f"train.{k} must be a positive integer, got {t[k]!r}")
-    _require(isinstance(t["lr"], (int, float)) and t["lr"] > 0, f"train.lr must be > 0, got {t['lr']!r}")
-    _require(isinstance(t["weight_decay"], (int, float)) and t["weight_decay"] >= 0, "train.weight_decay must be >= 0")
-    _require(isinstance(t["grad_clip"], (int, float)) and t["grad_clip"] >= 0, "train.grad_clip must be >= 0 (0 disables)")
+    _require(_is_number(t["lr"]) and 0 < t["lr"] <= 1,
+             f"train.lr must be a number in (0, 1] (AdamW; the paper uses 1e-3), got {t['lr']!r}")
+    _require(_is_number(t["weight_decay"]) and t["weight_decay"] >= 0,
+             f"train.weight_decay must be a finite number >= 0, got {t['weight_decay']!r}")
+    _require(_is_number(t["grad_clip"]) and t["grad_clip"] >= 0,
+             f"train.grad_clip must be a finite number >= 0 (0 disables), got {t['grad_clip']!r}")
     betas = t["betas"]
-    _require(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(0 <= b < 1 for b in betas),
+    _require(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
              f"train.betas must be two numbers in [0, 1), got {betas!r}")
     t["betas"] = [float(b) for b in betas]
     t["lr"] = float(t["lr"])
@@ -154,6 +166,8 @@ def resolve_config(config: dict) -> dict:
         _require(isinstance(t[k], bool), f"train.{k} must be true or false, got {t[k]!r}")
     _require(t["data_on_device"] in ("auto", True, False), "train.data_on_device must be auto, true or false")
     _require(isinstance(t["device"], str), f"train.device must be a string such as auto, cpu or cuda, got {t['device']!r}")
+    _require(t["device"].split(":")[0] != "meta",
+             "train.device = \"meta\" holds no data and cannot train; use \"auto\", \"cpu\" or \"cuda\"")
     return cfg
 
 
@@ -175,7 +189,12 @@ def load_config_file(name_or_path) -> dict:
         else:
             raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a bundled config; "
                               f"bundled configs: {', '.join(bundled_configs())}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save the config as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read the config {path}: {e.strerror or e}") from e
     if path.suffix == ".json":
         try:
             return json.loads(text)

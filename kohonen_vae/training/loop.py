@@ -83,6 +83,8 @@ def setup_distributed(device_pref: str) -> torch.device:
             device = torch.device(device_pref)
         except RuntimeError as e:
             raise ConfigError(f"train.device = {device_pref!r} is not a device: {e}") from e
+    if device.type == "meta":
+        raise ConfigError("train.device = \"meta\" holds no data and cannot train; use \"auto\", \"cpu\" or \"cuda\"")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {device_pref!r} but CUDA is not available; use device = \"auto\" or \"cpu\"")
     if device.type == "cuda":

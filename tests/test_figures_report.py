@@ -210,3 +210,20 @@ def test_report_of_tiny_runs_is_self_contained_and_complete(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         report.write_report([tmp_path], tmp_path / "x.html")
+
+
+def test_seed_grouping_ignores_settings_that_change_nothing_computed(tmp_path):
+    """Issue 11 item 18: runs that differ only in the seed and train.report are seeds of one configuration."""
+    from kohonen_vae.report import Run, assign_labels
+    from kohonen_vae.training import resolve_config
+
+    def run(name, **train):
+        cfg = resolve_config({"seed": len(name), "data": {"name": "sample"}, "model": {"quantizer": {"type": "ema"}},
+                              "train": train})
+        return Run(path=tmp_path / name, config=cfg, records=[], summary=None, model=None, normalizer=None,
+                   checkpoint="last", step=0)
+
+    runs = [run("a", report=True), run("bb", report=False, progress=False), run("ccc", lr=3e-4)]
+    assign_labels(runs)
+    assert runs[0].label == runs[1].label == "EMA-VQ [a]"
+    assert runs[2].label == "EMA-VQ [ccc]"

@@ -20,11 +20,29 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
 
 TOPOLOGIES = ("rectangular", "hexagonal")
+
+
+def as_size(value, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``, for sizes (codebook size, vector size, grid sides, dims).
+
+    Accepts integers and integral floats (``8.0``); rejects booleans, non-integral numbers (``8.5`` would
+    silently become 8), NaN/Inf and non-numbers with a ``ValueError`` that names ``name``.
+    """
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        ok = math.isfinite(float(value)) and float(value) == int(value)
+    if not ok and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # a 0-d tensor / numpy scalar
+        return as_size(value.item(), name, minimum)
+    if not ok or int(value) < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return int(value)
 
 
 def auto_grid_shape(codebook_size: int, dims: int) -> tuple[int, ...]:
@@ -34,10 +52,8 @@ def auto_grid_shape(codebook_size: int, dims: int) -> tuple[int, ...]:
     ``K / i`` is factorised the same way with ``dims - 1`` dimensions.
     512 in 2-D -> (32, 16); 1024 -> (32, 32); 128 -> (16, 8).
     """
-    if codebook_size < 1:
-        raise ValueError(f"codebook_size must be a positive integer, got {codebook_size}")
-    if dims < 1:
-        raise ValueError(f"grid dims must be >= 1, got {dims}")
+    codebook_size = as_size(codebook_size, "codebook_size")
+    dims = as_size(dims, "grid dims")
     if dims == 1:
         return (codebook_size,)
     root = codebook_size ** (1.0 / dims)
@@ -58,9 +74,15 @@ class Grid:
     """
 
     def __init__(self, shape: Sequence[int], periodic: bool = False, topology: str = "rectangular"):
-        shape = tuple(int(s) for s in shape)
-        if len(shape) == 0 or any(s < 1 for s in shape):
-            raise ValueError(f"grid shape must be a non-empty tuple of positive sizes, got {shape}")
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+            raise ValueError(f"grid shape must be a sequence of positive integers such as (32, 16), got {shape!r}")
+        raw = tuple(shape)
+        if len(raw) == 0:
+            raise ValueError(f"grid shape must be a non-empty tuple of positive sizes, got {raw}")
+        try:
+            shape = tuple(as_size(s, "grid shape") for s in raw)
+        except ValueError:
+            raise ValueError(f"grid shape must be a non-empty tuple of positive integers, got {raw!r}") from None
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown grid topology {topology!r}; choose one of {TOPOLOGIES}")
         if topology == "hexagonal" and len(shape) != 2:
@@ -197,6 +219,56 @@ class Grid:
         d = self.offset_distance(c - c[index])
         mask = (d > 0) & (d < radius)
         return torch.nonzero(mask).flatten()
+
+    def random_neighbors(self, indices, generator: torch.Generator | None = None, *, u=None,
+                         radius: float = 1.5) -> torch.Tensor:
+        """For every code index, a code drawn uniformly from its grid neighbours ``{j : 0 < d(k, j) < radius}``
+        (the 8 Moore neighbours inside a rectangular 2-D grid, fewer at the border; 6 on a hexagonal grid;
+        wrap-around neighbours on a periodic one), same shape and device as ``indices``.
+
+        The choice is the ``floor(u * n_k)``-th (from 0, in increasing code index, i.e. the order of
+        :meth:`neighbours`) of the ``n_k`` distinct neighbours of k, with ``u`` uniform in [0, 1): taken from
+        ``u`` (a float tensor of the shape of ``indices``) when given, else drawn with
+        ``torch.rand(..., generator=generator)`` on the CPU. A code without neighbours (K = 1) stays.
+        """
+        indices = torch.as_tensor(indices)
+        device = indices.device
+        flat = indices.reshape(-1).long().cpu()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.size):
+            raise ValueError(f"code index out of range [0, {self.size}) for {self!r}")
+        if u is None:
+            u = torch.rand(flat.shape, generator=generator, dtype=torch.float64)
+        else:
+            u = torch.as_tensor(u).reshape(-1).double().cpu()
+            if u.shape != flat.shape:
+                raise ValueError(f"u must have the shape of indices {tuple(indices.shape)}, got {tuple(u.shape)}")
+        offsets = self.lattice_offsets(radius)
+        dist = self.offset_distance(offsets)
+        offsets = offsets[(dist > 0) & (dist < radius)]  # (M, d), the zero offset removed
+        if offsets.shape[0] == 0 or flat.numel() == 0:
+            return indices.clone()
+        coords = self.index_to_coords(flat)  # (N, d)
+        target = coords[:, None, :] + offsets[None]  # (N, M, d)
+        sizes = torch.tensor(self.shape)
+        if self.periodic:
+            target = target % sizes
+            valid = torch.ones(target.shape[:2], dtype=torch.bool)
+        else:
+            valid = ((target >= 0) & (target < sizes)).all(-1)
+        strides = torch.tensor(self._strides())
+        target_idx = (target.clamp(min=0) * strides).sum(-1)  # (N, M); invalid columns are masked below
+        if self.periodic:
+            valid &= target_idx != flat[:, None]  # wrapped around onto itself (an axis of size 1 or 2)
+            # the same neighbour reached by two offsets (a periodic axis of size 2) counts once
+            m = offsets.shape[0]
+            earlier = (target_idx[:, :, None] == target_idx[:, None, :]) & valid[:, None, :]
+            earlier &= torch.ones(m, m, dtype=torch.bool).tril(-1)[None]
+            valid &= ~earlier.any(-1)
+        n_valid = valid.sum(1)
+        pick = (u * n_valid.double()).floor().long().clamp(max=(n_valid - 1).clamp(min=0))
+        ordered = torch.where(valid, target_idx, torch.full_like(target_idx, self.size)).sort(1).values
+        out = torch.where(n_valid > 0, ordered.gather(1, pick[:, None]).squeeze(1), flat)
+        return out.reshape(indices.shape).to(device=device, dtype=indices.dtype)
 
     def lattice_offsets(self, radius: float) -> torch.Tensor:
         """All integer offsets ``(M, d)`` with distance ``< radius`` (the zero offset included), without

@@ -24,7 +24,16 @@ map_smoothness              mean_{adjacent j<k} ||x_j - x_k|| / mean_{all j<k} |
 codebook_smoothness         the same ratio on the code vectors e_k themselves (no decoder needed)
 topographic_product         Bauer & Pawelzik (1992), see :func:`topographic_product`; 0 for a perfectly
                             ordered map, < 0 when the map is too small-dimensional, > 0 when too high.
+perturbation_mse_ratio      index-perturbation robustness: MSE(decode(indices with every index of this level
+                            moved to a uniformly random grid neighbour), x) / MSE(reconstruction, x), other
+                            levels kept. About 1-2 for an organised map (a neighbour decodes to nearly the same
+                            image), much larger when the grid order means nothing. Seeded and independent of
+                            the batch size (:func:`perturbation_uniforms`).
 ==========================  =====================================================================================
+
+The quantisation and topographic errors are measured in each quantiser's *assignment space*
+(``quantizer.assignment_space``): the code vectors themselves for this package's quantisers, FSQ's bounded
+pre-rounding values and its lattice for a wrapped FSQ (where nearest-code assignment holds).
 
 :func:`evaluate_codebook` computes all of them for every level of a model over a whole image set.
 """
@@ -33,6 +42,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .geometry import Grid
@@ -294,9 +304,33 @@ def _downsample(images: torch.Tensor, max_side: int | None) -> torch.Tensor:
     return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+# ------------------------------------------------------------------------------ index perturbation
+def perturbation_uniforms(seed: int, stream: int, positions) -> torch.Tensor:
+    """Uniform numbers in [0, 1), float64, one per integer position: ``splitmix64(position + seed c1 + stream
+    c2) / 2^64`` (53 bits). A counter-based generator: the number of a position does not depend on how the
+    positions are batched, so :func:`evaluate_codebook`'s perturbation does not depend on the batch size."""
+    x = np.asarray(torch.as_tensor(positions).reshape(-1).cpu().numpy(), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(seed % (1 << 64)) * np.uint64(0xD1B54A32D192ED03) + np.uint64(stream) * np.uint64(0x8CB92BA72F3D8DD7)
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53)))
+
+
+def perturb_indices(grid: Grid, indices: torch.Tensor, seed: int, stream: int, first_position: int = 0) -> torch.Tensor:
+    """``indices`` (B, ...) with every index moved to a uniformly random grid neighbour
+    (:meth:`Grid.random_neighbors`), the choice of element ``j`` (in C order) drawn from
+    :func:`perturbation_uniforms` at position ``first_position + j``."""
+    u = perturbation_uniforms(seed, stream, torch.arange(first_position, first_position + indices.numel()))
+    return grid.random_neighbors(indices, u=u.reshape(indices.shape))
+
+
 # ---------------------------------------------------------------------------------------- evaluation
 def evaluate_codebook(model, images: torch.Tensor, normalizer, batch_size: int = 256, decode: bool = True,
-                      smoothness_max_side: int | None = 64, progress: bool = False, return_counts: bool = False):
+                      smoothness_max_side: int | None = 64, progress: bool = False, return_counts: bool = False,
+                      perturbation: bool = True, perturbation_seed: int = 0):
     """All metrics of every quantiser level over a whole uint8 image set (N, C, H, W).
 
     Runs ``model(normalizer.normalize(batch))`` under ``torch.no_grad()`` with the model in eval mode (no
@@ -308,6 +342,8 @@ def evaluate_codebook(model, images: torch.Tensor, normalizer, batch_size: int =
         {level}/topographic_error, /codebook_smoothness, /topographic_product, /most_used_code,
         {level}/map_smoothness                      # with decode=True; pixels in [0, 1], at most
                                                     # smoothness_max_side px a side (area-downsampled)
+        {level}/perturbation_mse_ratio              # with perturbation=True (one more decode per level and
+                                                    # batch); seeded by perturbation_seed; None when K = 1
 
     ``level`` is ``model.level_names[i]`` ("bottom" for VQ-VAE, "top" and "bottom" for VQ-VAE-2). For VQ-VAE-2
     the decoded images of one level fix the other level to its most used code.
@@ -324,11 +360,17 @@ def evaluate_codebook(model, images: torch.Tensor, normalizer, batch_size: int =
     counts = [torch.zeros(q.codebook_size, dtype=torch.float64, device=device) for q in quantizers]
     sums = [dict(sq=0.0, norm=0.0, te=0.0, n=0, dim=q.dim) for q in quantizers]
     recon_sq, recon_n = 0.0, 0
+    perturb = perturbation and hasattr(model, "decode_indices")
+    perturbed_sq = [0.0 for _ in quantizers]
 
     def make_hook(i):
         def hook(module, inputs, output):
             z, _ = module._to_vectors(inputs[0])
-            k1, k2, d1 = nearest_two(z, module.codebook)
+            if hasattr(module, "assignment_space"):
+                z, codes = module.assignment_space(z)
+            else:
+                codes = module.codebook
+            k1, k2, d1 = nearest_two(z, codes)
             counts[i].add_(torch.bincount(k1, minlength=module.codebook_size).double())
             s = sums[i]
             s["sq"] += float(d1.double().sum())
@@ -352,6 +394,15 @@ def evaluate_codebook(model, images: torch.Tensor, normalizer, batch_size: int =
                 out = model(x)
                 recon_sq += float((out.reconstruction.float() - x).square().double().sum())
                 recon_n += x.numel()
+                if perturb:
+                    for i, q in enumerate(quantizers):
+                        if q.codebook_size < 2:
+                            continue
+                        maps = list(out.indices)
+                        first = start * maps[i][0].numel()  # the position of this batch's first index
+                        maps[i] = perturb_indices(q.grid, maps[i], perturbation_seed, i, first)
+                        rec = model.decode_indices(maps)
+                        perturbed_sq[i] += float((rec.float() - x).square().double().sum())
             result = {"num_images": int(len(images)), "recon_mse": recon_sq / recon_n}
             most_used = [int(c.argmax()) for c in counts]
             for i, (name, q) in enumerate(zip(names, quantizers)):
@@ -366,6 +417,9 @@ def evaluate_codebook(model, images: torch.Tensor, normalizer, batch_size: int =
                 result[f"{name}/topographic_error"] = s["te"] / s["n"] if q.codebook_size > 1 else None
                 result[f"{name}/codebook_smoothness"] = codebook_smoothness(q.codebook, q.grid) if q.codebook_size > 1 else None
                 result[f"{name}/topographic_product"] = topographic_product(q.codebook, q.grid)
+                if perturb:
+                    result[f"{name}/perturbation_mse_ratio"] = (
+                        perturbed_sq[i] / recon_sq if q.codebook_size > 1 and recon_sq > 0 else None)
                 if decode and q.codebook_size > 1:
                     dec = decode_codebook(model, i, tuple(images.shape[-2:]), most_used, batch_size=min(batch_size, 64))
                     pixels = _downsample(normalizer.denormalize(dec), smoothness_max_side)

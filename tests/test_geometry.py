@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -115,3 +116,56 @@ def test_bad_grids_raise_clear_errors():
         Grid((4, 4)).coords_to_index(torch.tensor([4, 0]))
     with pytest.raises(ValueError, match="out of range"):
         Grid((4, 4)).index_to_coords(16)
+
+
+@pytest.mark.parametrize("grid", [Grid((5, 4)), Grid((5, 4), periodic=True), Grid((2, 3), periodic=True),
+                                  Grid((4, 4), topology="hexagonal"), Grid((4, 3), topology="hexagonal", periodic=True),
+                                  Grid((7,)), Grid((3, 2, 2))], ids=repr)
+def test_random_neighbors_picks_uniformly_among_the_brute_force_neighbours(grid):
+    g = torch.Generator().manual_seed(0)
+    ks = torch.arange(grid.size).repeat_interleave(400)
+    out = grid.random_neighbors(ks.view(-1, 400), g).flatten()  # any shape in, the same shape out
+    for k in range(grid.size):
+        # brute force: every j at grid distance 0 < d < 1.5 (divmod coordinates, explicit wrap-arounds)
+        nb = [j for j in range(grid.size) if 0 < _brute_distance(grid, k, j) < 1.5]
+        got = out[ks == k]
+        assert set(got.tolist()) == set(nb), (k, nb)
+        freq = torch.bincount(got, minlength=grid.size)[nb].double() / 400
+        assert torch.all((freq - 1 / len(nb)).abs() < 5 * math.sqrt(1 / len(nb) / 400))
+    # u decides: the floor(u n)-th neighbour in index order
+    u = torch.tensor([0.0, 0.999, 0.5])
+    idx = torch.tensor([0, 0, grid.size - 1])
+    picked = grid.random_neighbors(idx, u=u)
+    for i, (k, uk) in enumerate(zip(idx.tolist(), u.tolist())):
+        nb = [j for j in range(grid.size) if 0 < _brute_distance(grid, k, j) < 1.5]
+        assert int(picked[i]) == nb[int(uk * len(nb))]
+
+
+def _brute_distance(grid, j, k):
+    def coords(i):
+        out = []
+        for s in grid.shape:
+            i, c = divmod(i, s)
+            out.append(c)
+        return out
+    cj, ck = coords(j), coords(k)
+    best = math.inf
+    for w in itertools.product(*[(-1, 0, 1) if grid.periodic else (0,)] * grid.ndim):
+        delta = [b - a + wi * s for a, b, wi, s in zip(cj, ck, w, grid.shape)]
+        if grid.topology == "hexagonal":
+            delta = [delta[0] + delta[1] / 2, delta[1] * math.sqrt(3) / 2]
+        best = min(best, math.sqrt(sum(v * v for v in delta)))
+    return best
+
+
+def test_random_neighbors_of_a_single_code_and_bad_input():
+    assert Grid((1,)).random_neighbors(torch.tensor([0, 0])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="out of range"):
+        Grid((4,)).random_neighbors(torch.tensor([4]))
+
+
+@pytest.mark.parametrize("shape", [(8.5, 4), (8, 0), ("8", 4), (True, 4), "abc", (float("nan"), 2), ()])
+def test_non_integer_or_non_positive_grid_sizes_are_refused(shape):
+    with pytest.raises(ValueError, match="grid shape"):
+        Grid(shape)
+    assert Grid((8.0, 4)).shape == (8, 4)  # an integral float is an integer

@@ -268,3 +268,66 @@ def test_evaluate_codebook_rejects_float_images():
     _, norm = images_and_norm()
     with pytest.raises(ValueError, match="uint8"):
         evaluate_codebook(model, torch.rand(2, 3, 8, 8), norm)
+
+
+# ------------------------------------------------------------------------------ index perturbation
+def test_perturbation_mse_ratio_matches_a_brute_force_loop_and_ignores_batch_size():
+    """Every index of one level moved to a random grid neighbour (picked from the brute-force neighbour list
+    with the metric's seeded uniforms), decoded, MSE over the clean reconstruction's MSE."""
+    from kohonen_vae.metrics import perturbation_uniforms
+    model = tiny_model(codebook_size=8, grid_shape=[4, 2])
+    images, norm = images_and_norm(n=6)
+    r = evaluate_codebook(model, images, norm, batch_size=4, decode=False, perturbation_seed=3)
+    model.eval()
+    q = model.quantizers[0]
+    with torch.no_grad():
+        x = norm.normalize(images)
+        idx = model.encode_indices(x)[0]
+        clean = ((model(x).reconstruction - x) ** 2).sum()
+        u = perturbation_uniforms(3, 0, torch.arange(idx.numel())).tolist()
+        moved = []
+        for k, uk in zip(idx.flatten().tolist(), u):
+            nb = [j for j in range(8) if 0 < float(q.grid.distance(torch.tensor(k), torch.tensor(j))) < 1.5]
+            moved.append(nb[int(uk * len(nb))])
+        rec = model.decode_indices([torch.tensor(moved).view_as(idx)])
+        expected = float(((rec - x) ** 2).sum() / clean)
+    assert r["bottom/perturbation_mse_ratio"] == pytest.approx(expected, rel=1e-5)
+    assert evaluate_codebook(model, images, norm, batch_size=6, decode=False,
+                             perturbation_seed=3)["bottom/perturbation_mse_ratio"] == pytest.approx(expected, rel=1e-5)
+    other = evaluate_codebook(model, images, norm, decode=False, perturbation_seed=4)["bottom/perturbation_mse_ratio"]
+    assert other != pytest.approx(expected, rel=1e-9)  # the seed matters
+
+
+def test_perturbation_mse_ratio_separates_ordered_from_shuffled_codebook():
+    # codes in order along a line on a 1-D grid: a neighbour decodes to almost the same image
+    model = tiny_model(codebook_size=16, grid_shape=[16])
+    q = model.quantizers[0]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, generator=g) * 3, torch.randn(4, generator=g) * 3
+    q.codebook.copy_(a + torch.linspace(0, 1, 16).view(-1, 1) * (b - a))
+    images, norm = images_and_norm(n=4, size=8)
+    ordered = evaluate_codebook(model, images, norm, decode=False)["bottom/perturbation_mse_ratio"]
+    q.codebook.copy_(q.codebook[torch.randperm(16, generator=g)])
+    shuffled = evaluate_codebook(model, images, norm, decode=False)["bottom/perturbation_mse_ratio"]
+    assert ordered < shuffled
+
+
+def test_perturbation_two_levels_and_off_switch():
+    torch.manual_seed(0)
+    model = build_model({**TINY, "arch": "vqvae2", "quantizer": {"type": "ksom", "codebook_size": 8}})
+    images, norm = images_and_norm(n=2, size=32)
+    r = evaluate_codebook(model, images, norm, decode=False)
+    assert r["top/perturbation_mse_ratio"] > 0 and r["bottom/perturbation_mse_ratio"] > 0
+    assert r["top/perturbation_mse_ratio"] != r["bottom/perturbation_mse_ratio"]
+    assert "bottom/perturbation_mse_ratio" not in evaluate_codebook(model, images, norm, decode=False, perturbation=False)
+
+
+def test_perturbation_uniforms_are_uniform_and_counter_based():
+    from kohonen_vae.metrics import perturbation_uniforms
+    u = perturbation_uniforms(0, 0, torch.arange(100_000))
+    assert u.dtype == torch.float64 and float(u.min()) >= 0 and float(u.max()) < 1
+    hist = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert torch.all((hist - 10_000).abs() < 500)  # +-5 sigma of a binomial(1e5, 0.1)
+    assert torch.equal(perturbation_uniforms(0, 0, torch.arange(50_000, 50_010)), u[50_000:50_010])
+    assert not torch.equal(perturbation_uniforms(1, 0, torch.arange(10)), u[:10])
+    assert not torch.equal(perturbation_uniforms(0, 1, torch.arange(10)), u[:10])

@@ -25,6 +25,20 @@ import torch
 
 #: weights below this are treated as zero when a kernel is truncated to a finite stencil
 DEFAULT_CUTOFF = 1e-7
+#: float64 weights below this round to exactly 0 in float32 (half the smallest float32 subnormal, 2^-149):
+#: the cutoff of a kernel's float32 *support*, used by the no-update variant (see GridSmoother.dilate)
+FLOAT32_ZERO_CUTOFF = 2.0 ** -150
+
+
+def finite_number(value, name: str) -> float:
+    """``value`` as a finite float; a ``ValueError`` naming ``name`` for NaN, +-Inf or a non-number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------- schedules
@@ -32,12 +46,16 @@ class HarmonicSchedule:
     """s(t) = 1 / (1 + tau t): the paper's schedule, tau = ``shrink`` (0.1 by default)."""
 
     def __init__(self, shrink: float = 0.1):
+        shrink = finite_number(shrink, "shrink (tau)")
         if shrink < 0:
             raise ValueError(f"shrink (tau) must be >= 0, got {shrink}")
-        self.shrink = float(shrink)
+        self.shrink = shrink
 
     def __call__(self, step: float) -> float:
         return 1.0 / (1.0 + self.shrink * float(step))
+
+    def to_dict(self) -> dict:
+        return {"name": "harmonic", "shrink": self.shrink}
 
     def __repr__(self) -> str:
         return f"HarmonicSchedule(shrink={self.shrink})"
@@ -47,6 +65,8 @@ class ExponentialSchedule:
     """s(t) = floor + (1 - floor) exp(-t / time_constant): decays from 1 towards ``floor``."""
 
     def __init__(self, time_constant: float = 1000.0, floor: float = 0.01):
+        time_constant = finite_number(time_constant, "time_constant")
+        floor = finite_number(floor, "floor")
         if time_constant <= 0:
             raise ValueError(f"time_constant must be > 0, got {time_constant}")
         if not 0.0 <= floor <= 1.0:
@@ -56,6 +76,9 @@ class ExponentialSchedule:
 
     def __call__(self, step: float) -> float:
         return self.floor + (1.0 - self.floor) * math.exp(-float(step) / self.time_constant)
+
+    def to_dict(self) -> dict:
+        return {"name": "exponential", "time_constant": self.time_constant, "floor": self.floor}
 
     def __repr__(self) -> str:
         return f"ExponentialSchedule(time_constant={self.time_constant}, floor={self.floor})"
@@ -91,6 +114,15 @@ class Neighborhood:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(schedule={self.schedule!r})"
 
+    def to_dict(self) -> dict:
+        """Plain-data description (kind, kernel parameters, schedule), stored in a quantiser's state so
+        that a checkpoint of another neighbourhood is refused. A callable schedule is ``"custom"``."""
+        sched = self.schedule.to_dict() if hasattr(self.schedule, "to_dict") else {"name": "custom"}
+        return {"kind": self.name, **self._params(), "schedule": sched}
+
+    def _params(self) -> dict:
+        return {}
+
 
 class NoNeighborhood(Neighborhood):
     """h(d) = [d == 0]: P = I, i.e. EMA-VQ."""
@@ -106,6 +138,9 @@ class NoNeighborhood(Neighborhood):
     def __repr__(self) -> str:
         return "NoNeighborhood()"
 
+    def to_dict(self) -> dict:
+        return {"kind": "none"}  # no kernel, no schedule: every schedule gives the same P = I
+
 
 class HardNeighborhood(Neighborhood):
     """h_t(d) = s(t) for 0 < d < radius (1.5: the Moore neighbours on a square grid, 6 on a hexagonal one),
@@ -115,6 +150,7 @@ class HardNeighborhood(Neighborhood):
 
     def __init__(self, schedule=None, radius: float = 1.5):
         super().__init__(schedule)
+        radius = finite_number(radius, "hard neighborhood radius")
         if radius <= 0:
             raise ValueError(f"hard neighborhood radius must be > 0, got {radius}")
         self.support = float(radius)
@@ -129,6 +165,9 @@ class HardNeighborhood(Neighborhood):
     def __repr__(self) -> str:
         return f"HardNeighborhood(schedule={self.schedule!r}, radius={self.support})"
 
+    def _params(self) -> dict:
+        return {"radius": self.support}
+
 
 class ExponentialNeighborhood(Neighborhood):
     """h_t(d) = exp(-d / (sigma0 s(t))): the paper's "Gaussian" as the reference code computes it."""
@@ -137,6 +176,7 @@ class ExponentialNeighborhood(Neighborhood):
 
     def __init__(self, schedule=None, sigma: float = 10.0):
         super().__init__(schedule)
+        sigma = finite_number(sigma, "sigma")
         if sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
@@ -153,6 +193,9 @@ class ExponentialNeighborhood(Neighborhood):
 
     def __repr__(self) -> str:
         return f"ExponentialNeighborhood(schedule={self.schedule!r}, sigma={self.sigma})"
+
+    def _params(self) -> dict:
+        return {"sigma": self.sigma}
 
 
 class GaussianNeighborhood(ExponentialNeighborhood):

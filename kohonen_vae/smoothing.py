@@ -21,7 +21,7 @@ import math
 import torch
 
 from .geometry import Grid
-from .neighborhood import DEFAULT_CUTOFF, Neighborhood
+from .neighborhood import DEFAULT_CUTOFF, FLOAT32_ZERO_CUTOFF, Neighborhood
 
 METHODS = ("auto", "identity", "dense", "stencil", "separable", "fft")
 
@@ -52,6 +52,7 @@ class GridSmoother:
         self._distance_cache: dict = {}  # device -> (unique grid distances (U,), inverse index (K, K))
         self._fft_cache: dict = {}  # device -> grid distances of the FFT lattice's offsets
         self._taps_cache: tuple | None = None  # (radius, taps (M, d), tap distances (M,)) of the last radius
+        self._support_taps_cache: tuple | None = None  # the same for the float32 support (dilate)
 
     # -- which method ----------------------------------------------------------------------------
     def choose(self, step: float) -> str:
@@ -153,12 +154,21 @@ class GridSmoother:
         return x.reshape(stats.shape)
 
     def _fft(self, stats: torch.Tensor, step: float) -> torch.Tensor:
+        radius = self.neighborhood.radius(step, self.cutoff)
+        y = self._fft_convolve(stats.float(), radius, lambda dist: self.neighborhood.weights(dist, step))
+        y = y.to(stats.dtype)
+        # P_t >= 0: a column that is non-negative (the counts) stays so despite float rounding
+        return torch.where((stats >= 0).all(0, keepdim=True), y.clamp(min=0), y)
+
+    def _fft_convolve(self, x: torch.Tensor, radius: float, kernel_of_distance) -> torch.Tensor:
+        """``(K, C)`` values convolved over the grid with ``kernel_of_distance(grid distance of an offset)``,
+        which must vanish beyond ``radius``; an FFT in ``x``'s dtype (float32 or float64)."""
         grid = self.grid
         d = grid.ndim
         sizes = list(reversed(grid.shape))  # tensor order
-        lengths = sizes if grid.periodic else self._fft_lengths(sizes, self.neighborhood.radius(step, self.cutoff))
+        lengths = sizes if grid.periodic else self._fft_lengths(sizes, radius)
         # offsets of the FFT lattice, centred: index j <-> j if j < L/2 else j - L (tensor order)
-        key = (str(stats.device), tuple(lengths))
+        key = (str(x.device), tuple(lengths))
         if key not in self._fft_cache:
             if len(self._fft_cache) > 8:  # the padding shrinks with the radius: keep only a few lattices
                 self._fft_cache.clear()
@@ -166,17 +176,69 @@ class GridSmoother:
             axes = [torch.where(a < (L + 1) // 2, a, a - L) for a, L in zip(axes, lengths)]
             mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (L_{d-1}, ..., L_0, d) tensor order
             offsets = mesh.flip(-1)  # grid order (o_0, ..., o_{d-1})
-            self._fft_cache[key] = grid.offset_distance(offsets).to(stats.device)
-        kernel = self.neighborhood.weights(self._fft_cache[key], step).to(device=stats.device, dtype=torch.float32)
-        x = grid.grid_view(stats).float()
-        x = torch.movedim(x, -1, 0)  # (C, ...grid)
+            self._fft_cache[key] = grid.offset_distance(offsets).to(x.device)
+        kernel = kernel_of_distance(self._fft_cache[key]).to(device=x.device, dtype=x.dtype)
+        v = torch.movedim(grid.grid_view(x), -1, 0)  # (C, ...grid)
         dims = list(range(1, d + 1))
-        spec = torch.fft.rfftn(x, s=lengths, dim=dims) * torch.fft.rfftn(kernel, s=lengths, dim=list(range(d)))
+        spec = torch.fft.rfftn(v, s=lengths, dim=dims) * torch.fft.rfftn(kernel, s=lengths, dim=list(range(d)))
         y = torch.fft.irfftn(spec, s=lengths, dim=dims)
         y = y[(slice(None),) + tuple(slice(0, s) for s in sizes)]
-        y = torch.movedim(y, 0, -1).reshape(stats.shape).to(stats.dtype)
-        # P_t >= 0: a column that is non-negative (the counts) stays so despite float rounding
-        return torch.where((stats >= 0).all(0, keepdim=True), y.clamp(min=0), y)
+        return torch.movedim(y, 0, -1).reshape(x.shape)
+
+    # -- which codes an update reaches (the authors' no-update variant) ------------------------------
+    def support_radius(self, step: float) -> float:
+        """R_t: every grid distance beyond it has a float32 weight of exactly 0 (``h_t(d) < 2^-150``)."""
+        return self.neighborhood.radius(step, FLOAT32_ZERO_CUTOFF)
+
+    def dilate(self, winners: torch.Tensor, step: float) -> torch.Tensor:
+        """``hit_k = OR_j (winners_j and float32(h_t(d(j, k))) > 0)``: the codes that some winner's float32
+        neighbourhood weight reaches, ``(K,)`` bool. It equals ``(one_hot(winners) @ P_t > 0)`` with the dense
+        float32 ``P_t`` of the authors' code (``n_writes > 0``) for every kernel, including weights far
+        below the smoothing cutoff (down to the smallest float32 subnormal), at any K: a boolean dilation of
+        the winner set by the kernel's float32 support, by shifted ORs for a small support, else by an
+        exact float64 FFT count of the winners within the support (an integer; > 0.5 means >= 1)."""
+        winners = winners.reshape(-1).bool()
+        if winners.shape[0] != self.grid.size:
+            raise ValueError(f"expected a ({self.grid.size},) winner mask, got {tuple(winners.shape)}")
+        radius = self.support_radius(step)
+        if radius <= 1.0 or not bool(winners.any()):  # the nearest other code is at distance 1
+            return winners.clone()
+        positive = lambda dist: (self.neighborhood.weights(dist, step).to(torch.float32) > 0)  # noqa: E731
+        taps = self._support_taps(radius)
+        if taps is not None:
+            return self._shifted_or(winners, taps[positive(self.grid.offset_distance(taps))])
+        counts = self._fft_convolve(winners.to(torch.float64).unsqueeze(1), radius,
+                                    lambda dist: positive(dist).to(torch.float64))
+        return counts.squeeze(1) > 0.5
+
+    def _support_taps(self, radius: float):
+        """The lattice offsets within ``radius`` (plus a margin for float rounding) when there are at most
+        :data:`STENCIL_MAX_TAPS` of them, else None (then the FFT is cheaper); cached for the last radius."""
+        if self._support_taps_cache is None or self._support_taps_cache[0] != radius:
+            taps = None
+            if radius <= 8:  # a larger disc holds more than 49 lattice points on any grid of >= 2 x 8 codes
+                taps = self.grid.lattice_offsets(max(radius * (1 + 1e-9), radius + 1e-9))
+                if len(taps) > STENCIL_MAX_TAPS:
+                    taps = None
+            self._support_taps_cache = (radius, taps)
+        return self._support_taps_cache[1]
+
+    def _shifted_or(self, mask: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+        """``out[c] = OR_tap mask[c + tap]`` on the grid (wrapped on periodic grids, cut at the border)."""
+        grid = self.grid
+        src = grid.grid_view(mask)
+        out = torch.zeros_like(src)
+        d = grid.ndim
+        for tap in taps.tolist():
+            if grid.periodic:
+                out |= torch.roll(src, shifts=[-o for o in reversed(tap)], dims=list(range(d)))
+                continue
+            dst_idx, src_idx = [], []
+            for o, s in zip(reversed(tap), reversed(grid.shape)):
+                dst_idx.append(slice(max(0, -o), s - max(0, o)))
+                src_idx.append(slice(max(0, o), s - max(0, -o)))
+            out[tuple(dst_idx)] |= src[tuple(src_idx)]
+        return out.reshape(mask.shape)
 
     @staticmethod
     def _fft_lengths(sizes, radius: float) -> list:

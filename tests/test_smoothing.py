@@ -191,3 +191,86 @@ def test_fft_keeps_non_negative_columns_non_negative():
     exact = GridSmoother(grid, make_neighborhood("exponential"), "dense")(stats, 200)
     assert bool((out[:, 0] >= 0).all())
     assert torch.allclose(out, exact, atol=1e-3)
+
+
+# ------------------------------------------------- which codes an update reaches (no-update variant)
+def authors_float32_matrix(grid, name, t, tau=TAU, sigma=SIGMA):
+    """P_t as the authors' code builds it, in float32: distances of float32 coordinates, the kernel in
+    float32 arithmetic with a float32 step counter, diagonal 1 (kernels per the spec)."""
+    c = torch.tensor([[float(v) for v in _coords(grid, i)] for i in range(grid.size)], dtype=torch.float32)
+    k = grid.size
+    d = torch.tensor([[reference_distance(grid, i, j) for j in range(k)] for i in range(k)], dtype=torch.float32)
+    if grid.topology == "rectangular" and not grid.periodic:
+        d = (c.unsqueeze(0) - c.unsqueeze(1)).norm(dim=-1)
+    step = torch.tensor(float(t))
+    if name == "none":
+        p = torch.zeros_like(d)
+    elif name == "hard":
+        p = (d < 1.5).float() / (1.0 + step * tau)
+    elif name == "exponential":
+        p = (d * ((1 + step * tau) / (-sigma))).exp()
+    else:  # classical gaussian: exp(-d^2 / (2 w^2)), w = sigma / (1 + tau t)
+        w = sigma / (1 + step * tau)
+        p = (-(d * d) / (2 * w * w)).exp()
+    p.fill_diagonal_(1.0)
+    return p
+
+
+def _coords(grid, i):
+    out = []
+    for s in grid.shape:
+        i, r = divmod(i, s)
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("grid", GRIDS + [Grid((32, 16))], ids=repr)
+@pytest.mark.parametrize("name", ["none", "hard", "exponential", "gaussian"])
+def test_dilate_equals_float32_one_hot_matmul_positive(grid, name):
+    """hit = one_hot(winners) @ P_t > 0 with the authors' float32 P_t, at steps where far weights are tiny
+    but positive, where they underflow to 0, and late."""
+    kernel = make_neighborhood(name, shrink=TAU, sigma=SIGMA)
+    smoother = GridSmoother(grid, kernel)
+    gen = torch.Generator().manual_seed(grid.size)
+    for t in (0, 150, 300, 400, 1000, 3000, 10_000):
+        p = authors_float32_matrix(grid, name, t)
+        for n_winners in (1, 3):
+            winners = torch.zeros(grid.size, dtype=torch.bool)
+            winners[torch.randperm(grid.size, generator=gen)[:n_winners]] = True
+            expected = (winners.float() @ p) > 0
+            got = smoother.dilate(winners, t)
+            assert torch.equal(got, expected), (t, n_winners, (got != expected).nonzero().flatten())
+    assert not bool(smoother.dilate(torch.zeros(grid.size, dtype=torch.bool), 0).any())
+
+
+def test_dilate_reaches_beyond_the_smoothing_cutoff():
+    # at t = 200 on 32x16 the far corner's exponential weight is ~1e-31: below the 1e-7 truncation of the
+    # smoothing, but a positive float32 number, so the authors' code counts the code as updated
+    grid = Grid((32, 16))
+    smoother = GridSmoother(grid, make_neighborhood("exponential"))
+    winners = torch.zeros(grid.size, dtype=torch.bool)
+    winners[0] = True
+    smoothed = smoother(winners.float().unsqueeze(1), 200)[:, 0]
+    assert bool((smoothed <= smoother.cutoff).any())
+    assert bool(smoother.dilate(winners, 200).all())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_neighbourhood_numbers_must_be_finite(bad):
+    for kwargs in ({"shrink": bad}, {"sigma": bad}):
+        with pytest.raises(ValueError, match="finite"):
+            make_neighborhood("exponential", **kwargs)
+    with pytest.raises(ValueError, match="finite"):
+        make_neighborhood("gaussian", schedule="exponential", time_constant=bad)
+    with pytest.raises(ValueError, match="finite"):
+        make_neighborhood("gaussian", schedule="exponential", floor=bad)
+
+
+def test_neighbourhood_descriptions_are_plain_data():
+    import json
+    d = make_neighborhood("exponential", shrink=0.2, sigma=3.0).to_dict()
+    assert d == {"kind": "exponential", "sigma": 3.0, "schedule": {"name": "harmonic", "shrink": 0.2}}
+    assert make_neighborhood("hard").to_dict()["radius"] == 1.5
+    assert make_neighborhood("none").to_dict() == {"kind": "none"}
+    assert make_neighborhood("hard", schedule=lambda t: 1.0).to_dict()["schedule"] == {"name": "custom"}
+    json.dumps(make_neighborhood("gaussian", schedule="exponential").to_dict())

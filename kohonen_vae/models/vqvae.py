@@ -6,22 +6,32 @@ Both share one contract, relied on by the trainer and by the figures/metrics cod
     out.reconstruction                     # (B, C, H, W), normalised space
     out.commitment_loss                    # sum over levels of each quantiser's (weighted) loss
     out.indices / perplexity / used_codes / counts   # one entry per level; VQVAE2 order [top, bottom]
-    model.encode_indices(images)           # list of (B, h, w) LongTensors; never updates a codebook
-    model.decode_indices(indices)          # images in normalised space
+    model.encode(images, batch_size=None)  # eval mode, no grad: list of (B, h, w) int64 index maps per level
+    model.encode_indices(images)           # the same maps in the model's current mode; never updates a codebook
+    model.decode_indices(indices, batch_size=None)   # eval mode: images (B, C, H, W) in normalised space
     model.latent_shapes(image_size)        # [(h, w), ...] per level
     model.quantizers                       # nn.ModuleList, one per level
 
 Training loss (spec section 1): ``MSE(reconstruction, images) + commitment_loss``.
+
+Tokens: level ``l`` of an ``H x W`` image is an ``(H / s_l, W / s_l)`` map of code indices in
+``[0, K_l)``, ``s_l = model.strides[l]``: VQ-VAE ``[bottom (H/4, W/4)]`` (8x8 for CIFAR-10), VQ-VAE-2
+``[top (H/8, W/8), bottom (H/4, W/4)]`` (32x32 and 64x64 at 256x256). In eval mode
+``decode_indices(encode(x))`` equals ``model(x).reconstruction`` bit for bit (the quantised output of a
+forward without gradient is exactly the looked-up code, see ``quantizers.base.straight_through``) when
+both see the same batch; split into other batches the results agree to float rounding only, because
+the CPU convolution kernels depend on the batch size.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
-from .layers import decoder_stride2, decoder_stride4, encoder_stride2, encoder_stride4, res_stack
+from .layers import decoder_stride2, decoder_stride4, encoder_stride2, encoder_stride4
 
 
 @dataclass
@@ -48,6 +58,26 @@ def frozen_codebooks(model: nn.Module):
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module):
+    """``model.eval()`` for the block, then every module's previous ``training`` flag is restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _batch_slices(n: int, batch_size) -> list[slice]:
+    if batch_size is None:
+        return [slice(0, n)]
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    return [slice(s, min(s + int(batch_size), n)) for s in range(0, n, int(batch_size))] or [slice(0, 0)]
 
 
 class _VQModelBase(nn.Module):
@@ -88,17 +118,53 @@ class _VQModelBase(nn.Module):
             _, outs = self._forward_levels(images, decode=False)
         return [o.indices for o in outs]
 
-    def decode_indices(self, indices) -> torch.Tensor:
-        """Images (normalised space) decoded from one ``(B, h, w)`` index map per level."""
-        indices = list(indices)
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int | None = None) -> list[torch.Tensor]:
+        """Token indices of ``images`` (normalised, ``(B, C, H, W)`` on the model's device), one int64 map
+        ``(B, H / s_l, W / s_l)`` per level in the order of :attr:`level_names` (VQ-VAE-2: ``[top, bottom]``),
+        values in ``[0, K_l)``. Runs in eval mode without gradient, ``batch_size`` images at a time (None: all
+        at once); the model's modes are restored and no codebook changes."""
+        if images.dim() != 4:
+            raise ValueError(f"{type(self).__name__}.encode expects images (batch, channels, height, width), "
+                             f"got shape {tuple(images.shape)}")
+        with evaluation_mode(self):
+            parts = [self.encode_indices(images[sl]) for sl in _batch_slices(images.shape[0], batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return [torch.cat([p[level] for p in parts]) for level in range(len(self.quantizers))]
+
+    def decode_indices(self, indices, batch_size: int | None = None) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in normalised space decoded from one ``(B, h_l, w_l)`` index map per level
+        (:attr:`level_names` order, integer tensors or numpy arrays of any integer dtype, e.g. the uint16 of
+        a token file). Runs in eval mode, ``batch_size`` images at a time (None: all at once); gradients
+        follow the caller's grad mode. Raises ValueError for a wrong number of levels, shapes that do not
+        belong to one image size, or an index outside ``[0, K_l)``."""
+        indices = [self._as_index_tensor(idx) for idx in indices]
         if len(indices) != len(self.quantizers):
             raise ValueError(f"{type(self).__name__} expects {len(self.quantizers)} index maps "
                              f"(order {self.level_names}), got {len(indices)}")
         for name, idx in zip(self.level_names, indices):
             if idx.dim() != 3:
                 raise ValueError(f"index map of level {name!r} must be (batch, height, width), got {tuple(idx.shape)}")
-        codes = [q.get_codes_from_indices(idx) for q, idx in zip(self.quantizers, indices)]
-        return self._decode_codes(codes)
+        sizes = {(idx.shape[0], idx.shape[1] * s, idx.shape[2] * s) for idx, s in zip(indices, self.strides)}
+        if len(sizes) != 1:
+            shapes = ", ".join(f"{n} {tuple(i.shape)}" for n, i in zip(self.level_names, indices))
+            raise ValueError(f"the index maps ({shapes}) do not belong to one batch of one image size: level l of "
+                             f"an H x W image is (B, H / s_l, W / s_l) with strides {self.strides}")
+        with evaluation_mode(self):
+            out = [self._decode_codes([q.get_codes_from_indices(idx[sl]) for q, idx in zip(self.quantizers, indices)])
+                   for sl in _batch_slices(indices[0].shape[0], batch_size)]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _as_index_tensor(self, idx) -> torch.Tensor:
+        # int64 on the codebook's device: unsigned token dtypes (numpy uint16/uint32) have no embedding kernel.
+        # Anything not integer is passed on unchanged for get_codes_from_indices to name its dtype.
+        if not isinstance(idx, torch.Tensor):
+            arr = np.asarray(idx)
+            idx = torch.from_numpy(arr.astype(np.int64)) if arr.dtype.kind in "iu" else torch.as_tensor(arr)
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            return idx
+        return idx.to(device=self.quantizers[0].codebook.device, dtype=torch.long)
 
 
 class VQVAE(_VQModelBase):

@@ -9,6 +9,8 @@ from .neighborhood import (ExponentialNeighborhood, ExponentialSchedule, Gaussia
 from .quantizers import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, NonFiniteInputError,
                          QuantizerOutput, apply_pending_updates)
 from .smoothing import GridSmoother
+from .export import export_run, load_pretrained
+from .tokens import decode_tokens, encode_dataset, load_tokens
 
 __version__ = "0.1.0"
 
@@ -16,5 +18,6 @@ __all__ = [
     "Grid", "auto_grid_shape", "Neighborhood", "NoNeighborhood", "HardNeighborhood", "ExponentialNeighborhood",
     "GaussianNeighborhood", "HarmonicSchedule", "ExponentialSchedule", "make_neighborhood", "GridSmoother",
     "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "QuantizerOutput",
-    "NonFiniteInputError", "apply_pending_updates", "__version__",
+    "NonFiniteInputError", "apply_pending_updates", "export_run", "load_pretrained", "encode_dataset",
+    "decode_tokens", "load_tokens", "__version__",
 ]

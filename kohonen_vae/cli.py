@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report, reproduce
+from . import export, report, reproduce, tokens
 from .errors import ConfigError, run_command
 
 
@@ -241,6 +241,9 @@ SUBCOMMANDS = {
     "reproduce": (reproduce.HELP, reproduce.add_arguments, reproduce.run),
     "cache": ("list the decoded-dataset cache, or prune it (--clear, --older-than DAYS)",
               add_cache_arguments, run_cache),
+    "encode": tokens.SUBCOMMANDS["encode"],
+    "decode": tokens.SUBCOMMANDS["decode"],
+    "export": export.SUBCOMMAND,
 }
 
 

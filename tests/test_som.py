@@ -10,7 +10,7 @@ import torch
 
 from kohonen_vae.geometry import Grid
 from kohonen_vae.models.factory import ConfigError
-from kohonen_vae.som import KohonenMap, NotFittedError, WidthSchedule, pca_codebook
+from kohonen_vae.som import KohonenMap, NotFittedError, WidthSchedule, estimator, pca_codebook
 from kohonen_vae.som.cli import add_som_arguments, run_som
 from kohonen_vae.som.storage import MAP_JSON
 
@@ -112,7 +112,8 @@ def test_pca_init_spans_one_standard_deviation_along_the_leading_components():
     np.testing.assert_allclose(proj[:, 2:], 0, atol=1e-3)
 
 
-def test_local_winner_search_matches_the_exact_one_on_an_ordered_map():
+def test_local_winner_search_matches_the_exact_one_on_an_ordered_map(monkeypatch):
+    monkeypatch.setattr(estimator, "LOCAL_SEARCH_MIN_UNITS", 100)  # exercise it on a small, fast map
     rng = np.random.default_rng(4)
     x = rng.uniform(size=(2000, 2)).astype(np.float32)  # a square sheet: the map orders perfectly
     exact = KohonenMap((12, 12), seed=0, progress=False).fit(x, epochs=12)

@@ -42,6 +42,9 @@ INITS = ("pca", "random", "sample")
 WINNER_SEARCHES = ("exact", "local")
 #: half-width R of the window of the local winner search: the (2R + 1)^d units around the previous winner
 LOCAL_SEARCH_RADIUS = 2
+#: below this many units the local search is not used (the exact search of a small map is one small GEMM,
+#: cheaper than gathering the windows)
+LOCAL_SEARCH_MIN_UNITS = 1024
 #: rows handled at once inside one update (bounds the (rows, D) temporaries; 64 MiB of float32 at D = 64)
 CHUNK_ELEMENTS = 1 << 24
 #: the FFT smoothing (chosen automatically only for hexagonal grids or the exponential kernel at large radii)
@@ -252,7 +255,7 @@ class KohonenMap:
             winner and accepted if it lies in the window's inner 3^d units (then it beats all its grid
             neighbours); a row whose best lies on the window's edge gets the exact search. Kohonen's
             shortcut for ordered maps: far cheaper on large maps, not guaranteed to find the global winner.
-            ``predict`` and every metric always search exactly.
+            Maps of fewer than 1,024 units always search exactly, and so do ``predict`` and every metric.
         smoothing: how ``P_t`` is applied (:mod:`kohonen_vae.smoothing`); ``"auto"`` picks the fastest.
         device: where to compute; None = the input tensor's device, or torch's default device for numpy.
         seed: seeds the ``"random"``/``"sample"`` initialisations and the mini-batch order.
@@ -428,7 +431,7 @@ class KohonenMap:
         stats = torch.zeros(k, 1 + d, dtype=torch.float32, device=w.device)
         error = torch.zeros((), dtype=torch.float64, device=w.device)
         winners = torch.empty(X.shape[0], dtype=torch.long, device=w.device)
-        local = previous is not None and self.winner_search == "local"
+        local = previous is not None and self.winner_search == "local" and k >= LOCAL_SEARCH_MIN_UNITS
         rows = max(1, CHUNK_ELEMENTS // (d * (LOCAL_SEARCH_RADIUS * 2 + 1) ** self.grid_.ndim if local else d))
         for s in range(0, X.shape[0], rows):
             x = X[s:s + rows]

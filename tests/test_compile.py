@@ -129,3 +129,67 @@ def test_only_the_update_breaks_the_graph():
     vq.eval()
     torch._dynamo.reset()
     assert torch._dynamo.explain(vq)(torch.randn(4, 5, 8)).graph_break_count == 0
+
+
+# ------------------------------------------------------ issue 11 item 19: fullgraph=True, eval and training
+# backend="eager": fullgraph is a property of dynamo's capture; the inductor run is covered above
+
+def _quantizers():
+    from kohonen_vae import EMAQuantizer, GDSOMQuantizer, GradientQuantizer
+    return {
+        "ksom": KohonenQuantizer(8, 32, grid_shape=(8, 4), neighborhood="exponential"),
+        "ema-kmeans-restarts": EMAQuantizer(8, 32, kmeans_init=True, threshold_ema_dead_code=1.0),
+        "gradient": GradientQuantizer(8, 32),
+        "gdsom": GDSOMQuantizer(8, 32, grid_shape=(8, 4)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_quantizers()))
+def test_eval_forward_compiles_with_fullgraph(name):
+    torch._dynamo.reset()
+    vq = _quantizers()[name].eval()
+    x = torch.randn(4, 5, 8)
+    compiled = torch.compile(vq, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        got, ref = compiled(x), vq(x)
+    assert torch.equal(got.indices, ref.indices) and torch.equal(got.quantized, ref.quantized)
+    assert torch.equal(got.counts, ref.counts)
+
+
+def test_eval_model_compiles_with_fullgraph():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(SMALL_MODEL).eval()
+    x = _batches(steps=1)[0]
+    with torch.no_grad():
+        out = torch.compile(model, fullgraph=True, backend="eager")(x)
+        ref = model(x)
+    assert torch.allclose(out.reconstruction, ref.reconstruction, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ksom", "ema-kmeans-restarts", "gdsom"])
+def test_training_forward_with_fullgraph_raises_the_documented_reason(name):
+    """The update reads values on the host and may all-reduce: dynamo's error carries our reason."""
+    from kohonen_vae.quantizers import COMPILE_TRAINING_REASON
+    torch._dynamo.reset()
+    vq = _quantizers()[name].train()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    with pytest.raises(torch._dynamo.exc.Unsupported) as info:
+        torch.compile(vq, fullgraph=True, backend="eager")(torch.randn(4, 5, 8))
+    assert COMPILE_TRAINING_REASON in str(info.value)
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing ran
+
+
+def test_gradient_quantizer_training_forward_compiles_with_fullgraph():
+    from kohonen_vae import GradientQuantizer
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    vq = GradientQuantizer(8, 32).train()
+    ref = copy.deepcopy(vq)
+    x = torch.randn(4, 5, 8, requires_grad=True)
+    out = torch.compile(vq, fullgraph=True, backend="eager")(x)
+    expected = ref(x)
+    assert torch.equal(out.indices, expected.indices) and torch.allclose(out.loss, expected.loss)
+    out.loss.backward()
+    assert vq.codebook.grad is not None and int(vq.step) == 1

@@ -248,7 +248,7 @@ def test_state_dict_round_trip_continues_exactly():
     for z in data[:5]:
         a(z)
     state = {k: v.clone() for k, v in a.state_dict().items()}
-    assert set(state) == {"step", "codebook", "embed_sum", "cluster_size"}
+    assert set(state) == {"step", "codebook", "embed_sum", "cluster_size", "geometry"}
     torch.manual_seed(123)  # a different init that the state must overwrite
     b = KohonenQuantizer(8, 32, neighborhood="exponential")
     b.load_state_dict(state)
@@ -375,3 +375,197 @@ def test_gdsom_loss_equals_dense_formula(target, name):
     g_ref = torch.autograd.grad(expected, w)[0]
     assert torch.allclose(g_impl, g_ref, rtol=1e-4, atol=1e-6)
     assert int(vq.step) == 4
+
+
+# ------------------------------------------------------------------ issue 11 item 14: the quantiser API
+def _all_types(**kw):
+    return {
+        "ksom": KohonenQuantizer(8, 32, grid_shape=(8, 4), **kw),
+        "ksom-accumulating": KohonenQuantizer(8, 32, grid_shape=(8, 4), update_in_forward=False, **kw),
+        "ema": EMAQuantizer(8, 32, **kw),
+        "gradient": GradientQuantizer(8, 32, **kw),
+        "gdsom": GDSOMQuantizer(8, 32, grid_shape=(8, 4), **kw),
+        "ksom-restarts": KohonenQuantizer(8, 32, grid_shape=(8, 4), threshold_ema_dead_code=0.5, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", list(_all_types()))
+def test_empty_batch_is_a_no_op_with_zero_loss(name):
+    vq = _all_types()[name].train()
+    accumulating = not getattr(vq, "update_in_forward", True)
+    for z in batches(2, n=16):
+        vq(z)
+        if accumulating:
+            vq.apply_update()
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    x = torch.zeros(0, 8, requires_grad=True)
+    out = vq(x)
+    assert out.quantized.shape == (0, 8) and out.indices.shape == (0,)
+    assert out.loss.item() == 0.0 and int(out.used_codes) == 0
+    out.loss.backward()  # still differentiable
+    if accumulating:
+        vq.apply_update()
+    for k, v in vq.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no decay, no step
+
+
+@pytest.mark.parametrize("value", [1e30, 1e20, -3e19])
+@pytest.mark.parametrize("in_forward", [True, False])
+def test_overflowing_inputs_raise_before_touching_buffers(value, in_forward):
+    vq = KohonenQuantizer(8, 32, update_in_forward=in_forward, threshold_ema_dead_code=0.1).train()
+    for z in batches(2):
+        vq(z)
+    if not in_forward:
+        vq.apply_update()
+    before = {k: v.clone() for k, v in vq.named_buffers()}
+    z = torch.randn(20, 8)
+    z[3] = value  # finite, but its squared distances do not fit in float32
+    with pytest.raises(NonFiniteInputError, match="too large"):
+        vq(z)
+        vq.apply_update() if not in_forward else None
+    for k, v in vq.named_buffers():
+        if k != "pending":  # the accumulating quantiser drops a poisoned accumulation, never applies it
+            assert torch.equal(v, before[k]), k
+    vq(torch.randn(20, 8) * 1e3)  # large but representable: fine
+
+
+def test_overflow_in_kmeans_init_and_gradient_restarts_raise_cleanly():
+    z = torch.randn(40, 8)
+    z[0] = 1e30
+    km = KohonenQuantizer(8, 16, kmeans_init=True).train()
+    before = {k: v.clone() for k, v in km.named_buffers()}
+    with pytest.raises(NonFiniteInputError):
+        km(z)
+    assert not bool(km.initted) and all(torch.equal(v, before[k]) for k, v in km.named_buffers())
+    gq = GradientQuantizer(8, 16, threshold_ema_dead_code=1.0).train()
+    usage = gq.cluster_size.clone()
+    with pytest.raises(NonFiniteInputError):
+        gq(z)
+    assert torch.equal(gq.cluster_size, usage) and int(gq.step) == 0
+
+
+@pytest.mark.parametrize("kind", ["grid", "periodic", "topology", "neighbourhood", "sigma", "gdsom"])
+def test_state_of_another_geometry_is_refused(kind):
+    from kohonen_vae.quantizers import GeometryMismatchError
+    make = {
+        "grid": lambda s: KohonenQuantizer(8, 32, grid_shape=s),
+        "periodic": lambda s: KohonenQuantizer(8, 32, grid_shape=(8, 4), periodic=s == (4, 8)),
+        "topology": lambda s: KohonenQuantizer(8, 32, grid_shape=(8, 4),
+                                               topology="hexagonal" if s == (4, 8) else "rectangular"),
+        "neighbourhood": lambda s: KohonenQuantizer(8, 32, neighborhood="hard" if s == (8, 4) else "exponential"),
+        "sigma": lambda s: KohonenQuantizer(8, 32, neighborhood="exponential", sigma=10.0 if s == (8, 4) else 5.0),
+        "gdsom": lambda s: GDSOMQuantizer(8, 32, grid_shape=s),
+    }[kind]
+    saved = make((8, 4)).state_dict()
+    with pytest.raises(GeometryMismatchError, match="another geometry"):
+        make((4, 8)).load_state_dict(saved)
+    make((8, 4)).load_state_dict(saved)  # the same geometry loads
+    # in a model the message names the quantiser's place
+    from kohonen_vae.models import build_model
+    cfg = {"arch": "vqvae", "channels": 8, "res_channels": 4, "num_res_blocks": 1, "embed_dim": 4,
+           "quantizer": {"type": "ksom", "codebook_size": 8, "grid_shape": [4, 2]}}
+    state = build_model(cfg).state_dict()
+    with pytest.raises(GeometryMismatchError, match=r"quantizers\.0.*\[4, 2\].*\[2, 4\]"):
+        build_model({**cfg, "quantizer": {**cfg["quantizer"], "grid_shape": [2, 4]}}).load_state_dict(state)
+
+
+def test_state_without_geometry_from_before_still_loads():
+    a = KohonenQuantizer(8, 32, neighborhood="exponential")
+    for z in batches(3):
+        a(z)
+    old = {k: v for k, v in a.state_dict().items() if k != "geometry"}
+    b = KohonenQuantizer(8, 32, neighborhood="exponential")
+    b.load_state_dict(old)
+    assert torch.equal(b.codebook, a.codebook) and int(b.step) == 3
+    g = GradientQuantizer(8, 32)
+    g.load_state_dict({k: v for k, v in GradientQuantizer(8, 32).state_dict().items() if k != "geometry"})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"eps": float("nan")}, "eps"), ({"count_init": float("nan")}, "count_init"),
+    ({"commitment_weight": float("nan")}, "commitment_weight"), ({"shrink": float("nan")}, "shrink"),
+    ({"sigma": float("nan")}, "sigma"), ({"decay": float("nan")}, "decay"), ({"eps": float("inf")}, "eps"),
+    ({"grid_shape": (8.5, 4)}, "grid shape"), ({"grid_shape": "abc"}, "grid shape"), ({"dim": 8.5}, "dim"),
+    ({"codebook_size": 32.5}, "codebook_size"), ({"grid_dims": 1.5}, "grid_dims"),
+    ({"kmeans_iters": 0}, "kmeans_iters"), ({"threshold_ema_dead_code": -1}, "threshold_ema_dead_code"),
+    ({"threshold_ema_dead_code": float("nan")}, "threshold_ema_dead_code"),
+    ({"codebook_init": "xavier"}, "codebook_init"),
+])
+def test_constructor_numbers_are_validated(kwargs, match):
+    args = {"dim": 8, "codebook_size": 32, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        KohonenQuantizer(**args)
+    if not {"shrink", "sigma", "eps", "count_init", "grid_shape"} & set(kwargs):
+        with pytest.raises(ValueError, match=match):
+            GradientQuantizer(**args)
+
+
+def test_meta_device_builds_and_infers_shapes_but_does_not_train():
+    with torch.device("meta"):
+        vq = KohonenQuantizer(8, 32, accept_image_fmap=True)
+    assert vq.codebook.device.type == "meta"
+    out = vq.eval()(torch.randn(2, 8, 4, 4, device="meta"))
+    assert out.quantized.shape == (2, 8, 4, 4) and out.indices.shape == (2, 4, 4) and out.counts.shape == (32,)
+    for q in (vq, GradientQuantizer(8, 32, accept_image_fmap=True).to("meta")):
+        with pytest.raises(ValueError, match="meta"):
+            q.train()(torch.randn(2, 8, 4, 4, device="meta"))
+
+
+@pytest.mark.parametrize("fmap", [False, True])
+def test_get_output_from_indices_is_the_forward_output(fmap):
+    for vq in (KohonenQuantizer(8, 32, accept_image_fmap=fmap), GradientQuantizer(8, 32, accept_image_fmap=fmap)):
+        x = torch.randn(2, 8, 3, 5) if fmap else torch.randn(2, 3, 5, 8)
+        out = vq.eval()(x)
+        assert torch.equal(vq.get_output_from_indices(out.indices), out.quantized)
+
+
+# ------------------------------------------------ issue 11 item 16: the authors' no-update semantics
+def test_no_update_variant_freezes_exactly_the_codes_no_float32_weight_reaches():
+    """32x16 map, exponential kernel, clusters drifting across the data space for 300 steps: a code's
+    statistics change iff the authors' float32 one_hot @ P_t > 0 (n_writes > 0), and those that do change
+    follow the spec's equations."""
+    grid_shape = (32, 16)
+    torch.manual_seed(0)
+    # sigma0 = 2: the float32 support (103.97 sigma0 / (1 + tau t)) falls below the map's diameter at t ~ 50
+    vq = KohonenQuantizer(8, 512, grid_shape=grid_shape, neighborhood="exponential", sigma=2.0,
+                          update_unused=False).train()
+    c = vq.grid.coords().float()
+    dist32 = (c.unsqueeze(0) - c.unsqueeze(1)).norm(dim=-1)
+    gen = torch.Generator().manual_seed(1)
+    start, end = torch.randn(3, 8, generator=gen) * 2, torch.randn(3, 8, generator=gen) * 2
+    partial_steps = 0
+    for t in range(300):
+        centres = start + (end - start) * t / 300  # drifting clusters
+        z = centres[torch.randint(0, 3, (48,), generator=gen)] + 0.3 * torch.randn(48, 8, generator=gen)
+        before = {k: getattr(vq, k).clone() for k in ("cluster_size", "embed_sum", "codebook")}
+        _, idx, _ = vq(z)
+        p = (dist32 * ((1 + torch.tensor(float(t)) * 0.1) / (-2.0))).exp()  # the authors' float32 P_t
+        p.fill_diagonal_(1.0)
+        n_writes = (F.one_hot(idx, 512).float() @ p).sum(0)
+        hit = n_writes > 0
+        changed = (vq.cluster_size != before["cluster_size"]) | (vq.embed_sum != before["embed_sum"]).any(1)
+        assert torch.equal(changed, hit), (t, (changed != hit).nonzero().flatten()[:10])
+        assert torch.equal(vq.codebook[~hit], before["codebook"][~hit])
+        partial_steps += bool(hit.any()) and not bool(hit.all())
+    assert partial_steps > 100  # the kernel's support shrank below the grid within the run
+
+
+# --------------------------------------------------------- issue 11 item 17: GDSOM without a kernel
+@pytest.mark.parametrize("target", ["winner", "input"])
+def test_gdsom_without_neighbourhood_adds_exactly_nothing_beyond_the_winner(target):
+    torch.manual_seed(0)
+    vq = GDSOMQuantizer(16, 64, neighborhood="none", target=target).train()
+    with torch.no_grad():
+        vq.codebook.mul_(300.0).add_(1000.0)  # large codes: the old statistics form cancelled to ~1e-5
+    x = torch.randn(200, 16) * 300 + 1000
+    out = vq(x)
+    som = vq.som_loss(x, vq.codebook[out.indices].detach(), out.indices, out.counts)
+    if target == "winner":
+        assert float(som) == 0.0
+        grad = torch.autograd.grad(som, vq.codebook, allow_unused=True)[0]
+        assert grad is None or int(torch.count_nonzero(grad)) == 0
+        expected = GradientQuantizer._loss(vq, x, vq.codebook[out.indices], out.indices, out.counts)
+        assert float(out.loss) == float(expected)  # the total loss is the plain VQ-VAE loss, bit for bit
+    else:  # the input target keeps the winner's own term, which is mean_n ||w_k* - z_n||^2 exactly
+        w = vq.codebook[out.indices]
+        assert float(som) == pytest.approx(float((w - x).square().sum() / 200), rel=1e-6)

@@ -1,16 +1,21 @@
 """Quantisers: KSOM (:class:`KohonenQuantizer`), EMA-VQ (:class:`EMAQuantizer`), the original VQ-VAE
-(:class:`GradientQuantizer`) and the gradient-descent SOM baseline (:class:`GDSOMQuantizer`)."""
+(:class:`GradientQuantizer`), the gradient-descent SOM baseline (:class:`GDSOMQuantizer`) and
+vector-quantize-pytorch's quantisers behind the same interface (:class:`VQPQuantizer`, optional extra)."""
 from torch import nn
 
-from .base import NonFiniteInputError, QuantizerOutput, VectorQuantizerBase, nearest_codes, perplexity_from_counts
+from .base import (COMPILE_TRAINING_REASON, GeometryMismatchError, NonFiniteInputError, QuantizerOutput,
+                   VectorQuantizerBase, batch_statistics, nearest_codes, perplexity_from_counts)
+from .collapse import CODEBOOK_INITS, initial_codebook
 from .gradient import GDSOMQuantizer, GradientQuantizer
-from .kohonen import EMAQuantizer, KohonenQuantizer, batch_statistics
+from .kohonen import EMAQuantizer, KohonenQuantizer
+from .vqp import VQP_CLASSES, VQPQuantizer
 
 QUANTIZERS = {
     "ksom": KohonenQuantizer,
     "ema": EMAQuantizer,
     "gradient": GradientQuantizer,
     "gdsom": GDSOMQuantizer,
+    "vqp": VQPQuantizer,
 }
 
 
@@ -26,7 +31,8 @@ def apply_pending_updates(module: nn.Module) -> int:
 
 
 __all__ = [
-    "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "QuantizerOutput",
-    "VectorQuantizerBase", "NonFiniteInputError", "nearest_codes", "perplexity_from_counts",
-    "batch_statistics", "apply_pending_updates", "QUANTIZERS",
+    "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "VQPQuantizer", "QuantizerOutput",
+    "VectorQuantizerBase", "NonFiniteInputError", "GeometryMismatchError", "nearest_codes", "perplexity_from_counts",
+    "batch_statistics", "apply_pending_updates", "QUANTIZERS", "VQP_CLASSES", "CODEBOOK_INITS", "initial_codebook",
+    "COMPILE_TRAINING_REASON",
 ]

@@ -6,17 +6,46 @@ The call convention follows vector-quantize-pytorch's ``VectorQuantize``::
 
 ``indices`` has the input's spatial shape, ``loss`` is already weighted, and the returned tuple also
 carries ``.perplexity``, ``.used_codes`` and ``.counts`` of the batch.
+
+Contracts shared by every quantiser:
+
+* An empty batch (N = 0) returns empty outputs and a zero loss, and changes nothing (no decay of the
+  statistics, no step). Under data parallelism the rank still joins the step's collective.
+* A training batch whose statistics are not finite in float32 (NaN, Inf, or values so large that squared
+  distances overflow, e.g. 1e30) raises :class:`NonFiniteInputError` before any buffer is touched.
+* The state holds the geometry (grid and neighbourhood) as a ``geometry`` buffer: loading the state of a
+  map with another geometry raises :class:`GeometryMismatchError`; older states without it still load.
+* ``device="meta"``: building and eval-mode forwards (shape inference) work; a training forward raises a
+  ``ValueError`` (an update needs values).
+* ``torch.compile``: the eval forward compiles with ``fullgraph=True``. A training forward of a quantiser
+  with a host-side update (KSOM/EMA statistics, GDSOM's step-dependent kernel, k-means initialisation,
+  dead-code restarts) has exactly one graph break, the update, which runs eagerly: it reads values on the
+  host (finiteness check, the kernel's schedule at step t, which codes are dead), may call a
+  torch.distributed collective and writes buffers in place. ``torch.compile(..., fullgraph=True)`` of such
+  a training forward therefore fails with dynamo's ``Unsupported`` error, whose message carries
+  :data:`COMPILE_TRAINING_REASON`; compile it without ``fullgraph`` (everything else is compiled) or
+  compile only the eval forward with ``fullgraph=True``.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
-from ..geometry import as_grid
+from ..geometry import as_grid, as_size
+from ..neighborhood import finite_number
+
+#: why a training forward cannot be compiled with fullgraph=True (shown in dynamo's error message)
+COMPILE_TRAINING_REASON = (
+    "kohonen_vae: the quantiser's training update runs eagerly (host-side finiteness check, the kernel "
+    "schedule at step t, dead-code/k-means choices, a torch.distributed all-reduce, in-place buffer "
+    "writes); compile the training forward without fullgraph=True (one graph break), or compile the eval "
+    "forward with fullgraph=True"
+)
 
 #: the N x K distance matrix is computed in row chunks of at most this many elements (64 MiB in float32)
 DISTANCE_CHUNK_ELEMENTS = 1 << 24
@@ -29,7 +58,13 @@ CPU_BLOCK_MIN_ROWS = 64
 
 
 class NonFiniteInputError(ValueError):
-    """Raised when a training batch holds NaN or Inf; the codebook and its statistics are left untouched."""
+    """Raised when a training batch holds NaN or Inf, or values so large that float32 statistics or squared
+    distances overflow; the codebook and its statistics are left untouched."""
+
+
+class GeometryMismatchError(ValueError):
+    """Raised by ``load_state_dict`` when the state comes from a quantiser with another grid shape,
+    topology, periodicity or neighbourhood (same K or not); nothing is loaded."""
 
 
 class QuantizerOutput(tuple):
@@ -133,9 +168,10 @@ def distance_block_rows(n: int, k: int, chunk_elements: int | None = None, cpu_b
 
 
 def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """c_k = #{n : k*(n) = k}, ``(K,)`` float32. Under torch.compile an integer scatter-add (a static output
-    shape) replaces ``bincount``, whose data-dependent shape would break the graph; both are exact."""
-    if torch.compiler.is_compiling():
+    """c_k = #{n : k*(n) = k}, ``(K,)`` float32. Under torch.compile (and on the meta device) an integer
+    scatter-add (a static output shape) replaces ``bincount``, whose data-dependent shape would break the
+    graph; both are exact."""
+    if torch.compiler.is_compiling() or indices.device.type == "meta":
         ones = torch.ones_like(indices)
         return torch.zeros(codebook_size, dtype=indices.dtype, device=indices.device).scatter_add_(0, indices, ones).float()
     return torch.bincount(indices, minlength=codebook_size).float()
@@ -182,6 +218,51 @@ def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def batch_statistics(z: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Packed raw statistics ``(K, 1 + D)``: column 0 the counts c_k, then the sums S_k = sum_{k*(n)=k} z_n,
+    in float32 whatever the input dtype."""
+    # sums into a contiguous (K, D) buffer, then one small (K, 1 + D) copy: index_add_ straight into the
+    # strided column block of the packed tensor was slower (docs/performance.md, "optimisations")
+    sums = torch.zeros(counts.shape[0], z.shape[1], dtype=torch.float32, device=z.device)
+    sums.index_add_(0, indices, z.detach().float())
+    return torch.cat([counts.float().unsqueeze(1), sums], 1)
+
+
+def check_finite(stats: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteInputError` if ``stats`` holds NaN or Inf."""
+    if not bool(torch.isfinite(stats).all()):
+        raise NonFiniteInputError(
+            f"{what} contains NaN or Inf; the codebook and its statistics were left unchanged. "
+            "Check the encoder output (learning rate, loss scaling, data normalisation)."
+        )
+
+
+def check_statistics(square_sum, stats: torch.Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteInputError` unless ``square_sum`` (``sum(stats ** 2)``, computed by the caller
+    in float32) is finite: that one number is finite iff every entry is finite *and* no squared entry
+    overflows float32 (|value| < ~1.8e19), i.e. the distances to codes built from these statistics stay
+    finite. NaN/Inf and overflow get different messages."""
+    if torch.isfinite(torch.as_tensor(square_sum)):
+        return
+    check_finite(stats, what)
+    raise NonFiniteInputError(
+        f"{what} has values too large for float32 statistics (squared distances overflow; |z| must stay "
+        "well below 1e19); the codebook and its statistics were left unchanged. Check the encoder output "
+        "(learning rate, loss scaling, data normalisation)."
+    )
+
+
+def _encode_geometry(description: dict) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(description, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def _decode_geometry(tensor: torch.Tensor) -> dict:
+    try:
+        return json.loads(bytes(tensor.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return {"unreadable": True}
+
+
 class VectorQuantizerBase(nn.Module):
     """Shared forward of all quantisers; subclasses register ``codebook`` ``(K, dim)`` (a buffer or a
     parameter) and provide two hooks:
@@ -189,25 +270,39 @@ class VectorQuantizerBase(nn.Module):
     * ``_loss(z, q, indices, counts)``: the weighted training loss (commitment, codebook, SOM terms);
     * ``_update(z, indices, counts)``: the codebook update of a training forward (EMA/KSOM statistics).
 
-    ``z`` is the flattened ``(N, dim)`` input; ``q = codebook[indices]`` in float32.
+    ``z`` is the flattened ``(N, dim)`` input; ``q = codebook[indices]`` in float32. See the module
+    docstring for the contracts (empty batch, overflow, geometry in the state, meta device, compile).
     """
 
     def __init__(self, dim: int, codebook_size: int, grid_shape=None, grid_dims: int = 2, *,
                  commitment_weight: float = 0.25, accept_image_fmap: bool = False,
                  periodic: bool = False, topology: str = "rectangular"):
         super().__init__()
-        if int(dim) < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim}")
-        if int(codebook_size) < 1:
-            raise ValueError(f"codebook_size must be a positive integer, got {codebook_size}")
+        self.dim = as_size(dim, "dim")
+        self.codebook_size = as_size(codebook_size, "codebook_size")
+        commitment_weight = finite_number(commitment_weight, "commitment_weight")
         if commitment_weight < 0:
             raise ValueError(f"commitment_weight must be >= 0, got {commitment_weight}")
-        self.dim = int(dim)
-        self.codebook_size = int(codebook_size)
-        self.grid = as_grid(grid_shape, self.codebook_size, grid_dims, periodic=periodic, topology=topology)
-        self.commitment_weight = float(commitment_weight)
+        self.grid = as_grid(grid_shape, self.codebook_size, as_size(grid_dims, "grid_dims"), periodic=periodic,
+                            topology=topology)
+        self.commitment_weight = commitment_weight
         self.accept_image_fmap = bool(accept_image_fmap)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("geometry", _encode_geometry(self.geometry_description()))
+        self.register_load_state_dict_pre_hook(_check_state_geometry)
+
+    # -- geometry in the state ----------------------------------------------------------------------
+    def geometry_description(self) -> dict:
+        """Plain data that must match for a state to be loadable: the grid (and, in subclasses, the
+        neighbourhood). Stored as the ``geometry`` buffer (UTF-8 JSON bytes)."""
+        return {"grid": self.grid.to_dict()}
+
+    def _refresh_geometry(self) -> None:
+        """Re-encode the ``geometry`` buffer (subclasses call it once their neighbourhood exists)."""
+        self.geometry = _encode_geometry(self.geometry_description()).to(self.geometry.device)
+
+    def _fill_missing_state(self, state_dict: dict, prefix: str) -> None:
+        """Hook for subclasses: add entries that older states lack (called before loading)."""
 
     # -- layout ----------------------------------------------------------------------------------
     def _to_vectors(self, x: torch.Tensor):
@@ -236,6 +331,19 @@ class VectorQuantizerBase(nn.Module):
         return flat.reshape(tuple(spatial) + (self.dim,))
 
     # -- codes -----------------------------------------------------------------------------------
+    def assignment_space(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vectors (N, d'), codes (K, d'))`` in which the forward's index is the nearest code of each of
+        the flattened inputs ``z`` (N, dim): here ``(z, codebook)``. Used by the metrics (quantisation and
+        topographic error) so that they measure every quantiser in the space where it assigns."""
+        return z, self.codebook
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """The quantised output for ``indices``, in the layout the forward returns (vector-quantize-pytorch's
+        name): ``(..., dim)`` for ``(...)`` indices, ``(B, dim, H, W)`` for ``(B, H, W)`` with
+        ``accept_image_fmap=True``. For these quantisers the output is the code vector, so this equals
+        :meth:`get_codes_from_indices`."""
+        return self.get_codes_from_indices(indices)
+
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code vectors ``(..., dim)`` of indices ``(...)``; ``(B, dim, H, W)`` for ``(B, H, W)`` indices
         when ``accept_image_fmap=True``."""
@@ -253,14 +361,28 @@ class VectorQuantizerBase(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         z, spatial = self._to_vectors(x)
+        if self.training:
+            if z.device.type == "meta":
+                raise ValueError(f"{type(self).__name__} cannot train on the 'meta' device: a training forward "
+                                 "updates the codebook from the values of the batch, and meta tensors have none "
+                                 "(use a real device, or eval mode for shape inference)")
+            if self.kmeans_init:  # a plain attribute: without k-means the compiled graph has no call here
+                self._before_assignment(z)
         indices = nearest_codes(z, self.codebook)
         counts = code_counts(indices, self.codebook_size)
         q = F.embedding(indices, self.codebook)  # looked up before this step's update
-        loss = self._loss(z, q, indices, counts)
+        # an empty batch: a zero loss that still depends on z (no NaN from a mean over nothing)
+        loss = self._loss(z, q, indices, counts) if z.shape[0] > 0 else z.float().sum() * 0.0
         if self.training:
             self._update(z, indices, counts)
         out = straight_through(z, q.detach().to(z.dtype))
         return QuantizerOutput(self._from_vectors(out, spatial), indices.reshape(spatial), loss, counts)
+
+    #: k-means initialisation pending at the first training forward (see quantizers.collapse)
+    kmeans_init = False
+
+    def _before_assignment(self, z) -> None:
+        """Training-mode hook before the assignment, called when ``kmeans_init`` is set."""
 
     def _loss(self, z, q, indices, counts) -> torch.Tensor:
         raise NotImplementedError
@@ -272,10 +394,20 @@ class VectorQuantizerBase(nn.Module):
         return f"dim={self.dim}, codebook_size={self.codebook_size}, grid={self.grid!r}"
 
 
-def check_finite(stats: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(stats).all()):
-        raise NonFiniteInputError(
-            f"{what} contains NaN or Inf; the codebook and its statistics were left unchanged. "
-            "Check the encoder output (learning rate, loss scaling, data normalisation)."
-        )
+def _check_state_geometry(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                          error_msgs) -> None:
+    """Load pre-hook: refuse a state saved with another geometry; let older states (without one) load."""
+    module._fill_missing_state(state_dict, prefix)
+    key = prefix + "geometry"
+    if key not in state_dict:
+        state_dict[key] = module.geometry.detach().clone()  # a state from before the geometry was stored
+        return
+    saved, mine = _decode_geometry(state_dict[key]), _decode_geometry(module.geometry)
+    if saved != mine:
+        differing = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        detail = "; ".join(f"{k}: saved {json.dumps(saved.get(k))}, this one {json.dumps(mine.get(k))}" for k in differing)
+        raise GeometryMismatchError(
+            f"cannot load the state of {prefix.rstrip('.') or type(module).__name__}: it comes from a quantiser "
+            f"with another geometry ({detail}); build the quantiser with the saved geometry (e.g. from the "
+            "run's config.json) before loading")
 

@@ -195,3 +195,21 @@ def test_vector_quantize_built_before_the_process_group_stays_identical_on_two_r
                        start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["codebook"], r1["codebook"])
+
+
+def test_evaluate_codebook_measures_fsq_in_its_own_assignment_space():
+    """FSQ's second-nearest lattice code is always one level away in one dimension: with the metrics taken
+    in its assignment space the topographic error is exactly 0, and every metric is there."""
+    pytest.importorskip("vector_quantize_pytorch")
+    from kohonen_vae.data import Normalizer
+    from kohonen_vae.metrics import evaluate_codebook
+    from kohonen_vae.models import build_model
+    torch.manual_seed(0)
+    model = build_model({"arch": "vqvae", "channels": 8, "res_channels": 4, "num_res_blocks": 1, "embed_dim": 3,
+                         "quantizer": {"type": "vqp", "cls": "FSQ", "codebook_size": 60,
+                                       "options": {"levels": [4, 3, 5]}}})
+    images = torch.randint(0, 256, (6, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    r = evaluate_codebook(model, images, Normalizer([0.5] * 3, [0.25] * 3), decode=False)
+    assert r["bottom/topographic_error"] == 0.0
+    assert r["bottom/used_codes"] >= 1 and r["bottom/perturbation_mse_ratio"] > 0
+    assert r["bottom/codebook_smoothness"] < 1  # a lattice: neighbours are close by construction

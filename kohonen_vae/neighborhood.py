@@ -55,6 +55,7 @@ class HarmonicSchedule:
         return 1.0 / (1.0 + self.shrink * float(step))
 
     def to_dict(self) -> dict:
+        """Plain-data description, e.g. ``{"name": "harmonic", "shrink": 0.1}``."""
         return {"name": "harmonic", "shrink": self.shrink}
 
     def __repr__(self) -> str:
@@ -78,6 +79,7 @@ class ExponentialSchedule:
         return self.floor + (1.0 - self.floor) * math.exp(-float(step) / self.time_constant)
 
     def to_dict(self) -> dict:
+        """Plain-data description: name, time constant and floor."""
         return {"name": "exponential", "time_constant": self.time_constant, "floor": self.floor}
 
     def __repr__(self) -> str:
@@ -139,7 +141,8 @@ class NoNeighborhood(Neighborhood):
         return "NoNeighborhood()"
 
     def to_dict(self) -> dict:
-        return {"kind": "none"}  # no kernel, no schedule: every schedule gives the same P = I
+        """``{"kind": "none"}``: no kernel and no schedule (every schedule gives the same P = I)."""
+        return {"kind": "none"}
 
 
 class HardNeighborhood(Neighborhood):

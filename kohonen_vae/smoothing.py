@@ -207,8 +207,10 @@ class GridSmoother:
         taps = self._support_taps(radius)
         if taps is not None:
             return self._shifted_or(winners, taps[positive(self.grid.offset_distance(taps))])
-        counts = self._fft_convolve(winners.to(torch.float64).unsqueeze(1), radius,
-                                    lambda dist: positive(dist).to(torch.float64))
+        # an integer count of winners within the support: float64 keeps the FFT's rounding far below 0.5
+        # (float32 on MPS, which has no float64: still well below 0.5 for the grids it can hold)
+        dtype = torch.float32 if winners.device.type == "mps" else torch.float64
+        counts = self._fft_convolve(winners.to(dtype).unsqueeze(1), radius, lambda dist: positive(dist).to(dtype))
         return counts.squeeze(1) > 0.5
 
     def _support_taps(self, radius: float):

@@ -175,8 +175,8 @@ def table(rows) -> str:
              "MiniSom batch time / this |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        ref = next((q for q in rows if q["case"] == r["case"] and q["method"].startswith("MiniSom train_batch_offline")),
-                   None)
+        ref = next((q for q in rows if (q["case"], q["map"]) == (r["case"], r["map"])
+                    and q["method"].startswith("MiniSom train_batch_offline")), None)
         qe_ratio = r["qe"] / ref["qe"] if ref and ref["qe"] and r["qe"] is not None else None
         te_ratio = r["te"] / ref["te"] if ref and ref["te"] and r["te"] is not None else None
         speed = ref["seconds"] / r["seconds"] if ref else None

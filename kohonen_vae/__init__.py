@@ -9,6 +9,7 @@ from .neighborhood import (ExponentialNeighborhood, ExponentialSchedule, Gaussia
 from .quantizers import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, NonFiniteInputError,
                          QuantizerOutput, apply_pending_updates)
 from .smoothing import GridSmoother
+from .som import KohonenMap
 from .export import export_run, load_pretrained
 from .tokens import decode_tokens, encode_dataset, load_tokens
 
@@ -19,5 +20,5 @@ __all__ = [
     "GaussianNeighborhood", "HarmonicSchedule", "ExponentialSchedule", "make_neighborhood", "GridSmoother",
     "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "QuantizerOutput",
     "NonFiniteInputError", "apply_pending_updates", "export_run", "load_pretrained", "encode_dataset",
-    "decode_tokens", "load_tokens", "__version__",
+    "decode_tokens", "load_tokens", "KohonenMap", "__version__",
 ]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import export, report, reproduce, tokens
 from .errors import ConfigError, run_command
+from .som.cli import HELP as SOM_HELP, add_som_arguments, run_som
 
 
 # -- train -------------------------------------------------------------------------------------------------
@@ -244,6 +245,7 @@ SUBCOMMANDS = {
     "encode": tokens.SUBCOMMANDS["encode"],
     "decode": tokens.SUBCOMMANDS["decode"],
     "export": export.SUBCOMMAND,
+    "som": (SOM_HELP, add_som_arguments, run_som),
 }
 
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .fileio import atomic_write, atomic_write_json
-from .models.factory import ConfigError
+from .errors import ConfigError
 
 PRETRAINED_FORMAT = "kohonen-vae-pretrained/1"
 CONFIG_FILE = "config.json"

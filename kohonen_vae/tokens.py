@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .export import load_tokenizer
-from .models.factory import ConfigError
+from .errors import ConfigError
 
 TOKENS_FORMAT = "kohonen-vae-tokens/1"
 DECODED_FORMAT = "kohonen-vae-decoded/1"

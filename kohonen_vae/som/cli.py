@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..fileio import atomic_write_json, atomic_write_text
-from ..models.factory import ConfigError
+from ..errors import ConfigError
 from .estimator import DECAYS, INITS, NEIGHBORHOODS, WINNER_SEARCHES, KohonenMap, as_data_matrix
 from .storage import GENERATOR, MAP_ARRAYS, MAP_JSON, is_ours
 

@@ -28,7 +28,7 @@ import torch
 
 from ..geometry import Grid
 from ..metrics import code_usage, codebook_smoothness, quantization_errors, topographic_product, umatrix
-from ..models.factory import ConfigError
+from ..errors import ConfigError
 from ..neighborhood import make_neighborhood
 from ..quantizers.base import code_counts, nearest_codes
 from ..quantizers.kohonen import batch_statistics

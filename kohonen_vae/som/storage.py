@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write, atomic_write_json
-from ..models.factory import ConfigError
+from ..errors import ConfigError
 
 GENERATOR = "kohonen-vae som"
 FORMAT = 1

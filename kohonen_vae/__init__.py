@@ -6,8 +6,9 @@ Layout: geometry (grids) -> neighborhood (kernels, schedules) -> smoothing (P_t 
 from .geometry import Grid, auto_grid_shape
 from .neighborhood import (ExponentialNeighborhood, ExponentialSchedule, GaussianNeighborhood, HardNeighborhood,
                            HarmonicSchedule, Neighborhood, NoNeighborhood, make_neighborhood)
-from .quantizers import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, NonFiniteInputError,
-                         QuantizerOutput, apply_pending_updates)
+from .errors import GeometryMismatchError, NonFiniteInputError
+from .quantizers import (EMAQuantizer, GDSOMQuantizer, GradientQuantizer, KohonenQuantizer, QuantizerOutput,
+                         VQPQuantizer, apply_pending_updates)
 from .smoothing import GridSmoother
 from .som import KohonenMap
 from .export import export_run, load_pretrained
@@ -19,6 +20,6 @@ __all__ = [
     "Grid", "auto_grid_shape", "Neighborhood", "NoNeighborhood", "HardNeighborhood", "ExponentialNeighborhood",
     "GaussianNeighborhood", "HarmonicSchedule", "ExponentialSchedule", "make_neighborhood", "GridSmoother",
     "KohonenQuantizer", "EMAQuantizer", "GradientQuantizer", "GDSOMQuantizer", "QuantizerOutput",
-    "NonFiniteInputError", "apply_pending_updates", "export_run", "load_pretrained", "encode_dataset",
+    "NonFiniteInputError", "GeometryMismatchError", "VQPQuantizer", "apply_pending_updates", "export_run", "load_pretrained", "encode_dataset",
     "decode_tokens", "load_tokens", "KohonenMap", "__version__",
 ]

@@ -5,15 +5,12 @@ checkpoint, a batch of NaNs, a full disk, a missing optional package) is one of 
 command line prints it as one line, ``kohonen-vae COMMAND: error: MESSAGE``, and exits with code 2; the
 message names the problem and the fix. Anything else is a bug and keeps its traceback.
 
-This module imports nothing from the package but :class:`NonFiniteInputError`, which the quantisers raise
-(re-exported here so that callers catch every user error from one place).
+This module imports nothing from the package: every other module may import it.
 """
 from __future__ import annotations
 
 import errno
 import sys
-
-from .quantizers.base import NonFiniteInputError
 
 
 class ConfigError(ValueError):
@@ -29,6 +26,16 @@ class CheckpointError(ResumeError):
     """A checkpoint file is missing, truncated, not ours, or its content does not match its checksum."""
 
 
+class NonFiniteInputError(ValueError):
+    """Raised when a training batch holds NaN or Inf, or values so large that float32 statistics or squared
+    distances overflow; the codebook and its statistics are left untouched."""
+
+
+class GeometryMismatchError(ValueError):
+    """Raised by a quantiser's ``load_state_dict`` when the state comes from a quantiser with another grid
+    shape, topology, periodicity or neighbourhood (same K or not); nothing is loaded."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk. The message names the dataset, every path looked at and how to get it."""
 
@@ -42,7 +49,8 @@ class DiskFullError(OSError):
 
 
 #: the exceptions the command line reports as one ``error:`` line with exit code 2
-USER_ERRORS = (ConfigError, DatasetNotFoundError, NonFiniteInputError, MissingDependencyError, DiskFullError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, NonFiniteInputError, GeometryMismatchError, MissingDependencyError,
+               DiskFullError)
 
 #: errno values that mean "no space left" (disk full, quota exceeded)
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

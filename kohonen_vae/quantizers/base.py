@@ -36,6 +36,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GeometryMismatchError, NonFiniteInputError  # noqa: F401 (raised here, re-exported)
 from ..geometry import as_grid, as_size
 from ..neighborhood import finite_number
 
@@ -55,16 +56,6 @@ DISTANCE_CHUNK_ELEMENTS = 1 << 24
 CPU_BLOCK_ELEMENTS = 1 << 20
 #: fewest rows per block (keeps the GEMM efficient for very large K)
 CPU_BLOCK_MIN_ROWS = 64
-
-
-class NonFiniteInputError(ValueError):
-    """Raised when a training batch holds NaN or Inf, or values so large that float32 statistics or squared
-    distances overflow; the codebook and its statistics are left untouched."""
-
-
-class GeometryMismatchError(ValueError):
-    """Raised by ``load_state_dict`` when the state comes from a quantiser with another grid shape,
-    topology, periodicity or neighbourhood (same K or not); nothing is loaded."""
 
 
 class QuantizerOutput(tuple):

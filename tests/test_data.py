@@ -101,7 +101,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, session_cache):
     x_file = Path(f"{stem}.x_train.npy")
     with open(x_file, "r+b") as f:  # truncate: as if the disk filled up
         f.truncate(os.path.getsize(x_file) // 2)
-    with pytest.warns(RuntimeWarning, match="corrupt"):
+    with pytest.warns(RuntimeWarning, match="cannot be used .*bytes.*rebuilding"):
         rebuilt = load_splits("cifar10", data_dir=tmp_path)
     assert rebuilt.info["cache"] == "built"
     assert torch.equal(rebuilt.train.images, first.train.images)
@@ -154,6 +154,14 @@ def test_cifar10_npz_layout_shapes_split_and_determinism(cifar_splits):
     other = load_splits("cifar10", split_seed=1)
     assert not torch.equal(other.val.indices, s.val.indices)
     assert s.info["sizes"] == {"train": 40000, "val": 10000, "test": 10000} and s.info["image_shape"] == [3, 32, 32]
+    # The cache index's checksums against the dataset README's published sha256 of the raw label arrays.
+    import json
+    members = json.loads(Path(s.info["cache_path"]).read_text())["members"]
+    assert members["y_train"]["sha256"] == "2b7cd2f24487317614016b72ffd53071c3062f592f0eb300c18a770d41ae1253"
+    assert members["y_test"]["sha256"] == "cec8a24a1e92aa2ecaa0bbd3dbfa86bf6cd8759fbd209a832824c8cf0afca9d5"
+    assert "sampled_sha256" in members["x_train"] and "sampled_sha256" not in members["x_test"]  # 154 MB vs 31 MB
+    assert hashlib.sha256(full.permute(0, 2, 3, 1).contiguous().numpy()).hexdigest() == \
+        "47af8b02cfcfb6cdf3dbbd1969ad7f1b70f4413f6f80f437b020ee4e5bc8304a"  # the README's x_train (NHWC)
 
 
 @needs_shared_cifar
@@ -289,7 +297,7 @@ def test_folder_loads_resizes_and_caches(tmp_path, monkeypatch):
     assert torch.all(full[0] == 0)
 
 
-def test_folder_squashes_to_default_256_and_skips_unreadable(tmp_path):
+def test_folder_squashes_to_image_size_and_skips_unreadable(tmp_path):
     from PIL import Image
 
     root = tmp_path / "imgs"
@@ -300,7 +308,7 @@ def test_folder_squashes_to_default_256_and_skips_unreadable(tmp_path):
     Image.fromarray(img).save(root / "wide2.webp", lossless=True)
     (root / "broken.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
     with pytest.warns(RuntimeWarning, match="skipped 1 unreadable image file"):
-        s = load_splits(f"folder:{root}", val_fraction=0.5)
+        s = load_splits(f"folder:{root}", image_size=256, val_fraction=0.5)
     assert len(s.train) + len(s.val) == 2
     x = s.train.images[0]
     assert x.shape == (3, 256, 256)
@@ -325,8 +333,10 @@ def test_folder_errors(tmp_path):
         load_splits(f"folder:{tmp_path / 'empty'}")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"nope")
-    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="none of the 1 image files"):
-        load_splits(f"folder:{tmp_path / 'bad'}")
+    with pytest.raises(kd.DatasetCorruptError, match="none of the 1 image files could be read"):
+        load_splits(f"folder:{tmp_path / 'bad'}")  # its own size: no header can be read
+    with pytest.warns(RuntimeWarning), pytest.raises(kd.DatasetCorruptError, match="none of the 1 image files"):
+        load_splits(f"folder:{tmp_path / 'bad'}", image_size=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -483,8 +493,9 @@ def test_unpickler_refuses_foreign_objects(tmp_path):
 
     p = tmp_path / "data_batch_1"
     p.write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(kd.DatasetCorruptError, match="refusing") as e:
         kcifar.read_pickle_batch(p)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError) and str(p) in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,7 +517,7 @@ def test_cache_list_and_prune_touch_only_our_files(monkeypatch, tmp_path):
         os.utime(p, (now - 40 * 86400, now - 40 * 86400))
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not ours")
-    orphan = tmp_path / f"mnist-{'c' * 20}.x.npy"  # an interrupted write: members but no json
+    orphan = tmp_path / f"mnist-{'c' * 20}.x.npy"  # named like a member, but no index records it: not ours
     orphan.write_bytes(b"\x00" * 10)
     os.utime(orphan, (now - 2 * 86400, now - 2 * 86400))
     fresh_temp = tmp_path / ".cifar10-xyz.json.abc.tmp"  # a write in progress right now
@@ -527,8 +538,8 @@ def test_cache_list_and_prune_touch_only_our_files(monkeypatch, tmp_path):
     assert orphan.exists() and foreign.exists() and fresh_temp.exists()
 
     assert main(["cache", "--clear"]) == 0
-    assert cache.list_entries() == [] and not orphan.exists()  # leftovers over an hour old go with --clear
-    assert foreign.exists() and fresh_temp.exists()  # not ours / possibly still being written
+    assert cache.list_entries() == []
+    assert foreign.exists() and fresh_temp.exists() and orphan.exists()  # none of them recorded by an index
     assert main(["cache"]) == 0
     assert main(["cache", "--older-than", "-1"]) != 0  # a clear error, not a crash
 

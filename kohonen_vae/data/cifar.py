@@ -3,6 +3,11 @@
 
 Both readers return NCHW uint8 arrays with R, G, B channel order: ``x_train`` (50000, 3, 32, 32), ``y_train`` (50000,)
 uint8, ``x_test`` (10000, 3, 32, 32), ``y_test`` (10000,) (other counts are accepted for the pickle layout).
+
+A file that is truncated, garbled or not what the layout promises raises one
+:class:`~kohonen_vae.data.DatasetCorruptError` (a ValueError) whose one-line message names the file. The python
+batches are pickles: they are read with a restricted unpickler that rebuilds only plain containers (dict, list,
+bytes, str, numbers) and numpy arrays, so a crafted pickle in a data folder cannot run code.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from .types import DatasetCorruptError, corrupt_file_error
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -59,14 +66,30 @@ def expected_layout_text() -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Readers
 # ---------------------------------------------------------------------------------------------------------------
+def read_npz(path: Path, members: List[str], optional: tuple = (), what: str = "numpy archive (.npz)") -> dict:
+    """{name: array} of the ``members`` (required) and ``optional`` members of the ``.npz`` file ``path``, read
+    without pickles; a file that cannot be read so raises :class:`DatasetCorruptError` naming it."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single .npy array, not a .npz archive")
+            missing = [m for m in members if m not in z.files]
+            if missing:
+                raise KeyError(f"no member {', '.join(missing)} (it has {', '.join(z.files) or 'none'})")
+            return {m: z[m] for m in list(members) + [o for o in optional if o in z.files]}
+    except Exception as exc:  # BadZipFile, EOFError, zlib/lzma errors, ValueError, KeyError, ...: all "damaged"
+        raise corrupt_file_error(path, what, exc) from exc
+
+
 def read_npz_layout(files: List[Path], progress=None) -> Dict[str, np.ndarray]:
     """Read the numpy layout: NHWC uint8 members ``x`` -> NCHW arrays (see module doc)."""
     xs, ys = [], []
     for f in files:
-        with np.load(f) as z:
-            x, y = z["x"], z["y"]
+        z = read_npz(f, ["x", "y"], what="CIFAR-10 numpy archive")
+        x, y = z["x"], z["y"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or y.shape != (x.shape[0],):
-            raise ValueError(f"{f}: expected x (N,32,32,3) uint8 and y (N,), got x {x.dtype}{x.shape}, y {y.shape}")
+            raise DatasetCorruptError(f"{f}: expected x (N,32,32,3) uint8 and y (N,), got x {x.dtype}{x.shape}, "
+                                      f"y {y.shape}; replace it with an intact copy")
         xs.append(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         ys.append(y.astype(np.uint8))
         if progress is not None:
@@ -74,39 +97,67 @@ def read_npz_layout(files: List[Path], progress=None) -> Dict[str, np.ndarray]:
     return {"x_train": np.concatenate(xs[:5]), "y_train": np.concatenate(ys[:5]), "x_test": xs[5], "y_test": ys[5]}
 
 
+def _latin1_encode(text, encoding="utf-8"):
+    """``_codecs.encode`` as protocol-2 pickles use it for raw bytes (``encode(str, "latin1")``), and nothing else."""
+    if not isinstance(text, str) or str(encoding).lower().replace("-", "").replace("_", "") != "latin1":
+        raise pickle.UnpicklingError(f"CIFAR-10 batch asks for _codecs.encode(..., {encoding!r}); only 'latin1' "
+                                     "(how protocol-2 pickles store bytes) is allowed: refusing to unpickle it")
+    return text.encode("latin1")
+
+
 class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that only rebuilds numpy arrays (what the CIFAR batches contain), never arbitrary objects."""
+    """Unpickler for the CIFAR batches: plain containers (dict, list, bytes, str, numbers: no class needed) and
+    numpy arrays only. The only callables it hands out are numpy's array/dtype/scalar rebuilders and a latin1-only
+    ``_codecs.encode``; any other global (``os.system``, ``builtins.open``, ...) is refused, so no code runs."""
 
     _NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
                       "numpy._core.numeric"}
     _NUMPY_NAMES = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
 
     def find_class(self, module, name):
-        if (module in self._NUMPY_MODULES and name in self._NUMPY_NAMES) or (module, name) == ("_codecs", "encode"):
-            # _codecs.encode is how Python 3 writes bytes in protocol-2 pickles (numpy's raw array data)
+        if module in self._NUMPY_MODULES and name in self._NUMPY_NAMES:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):  # how Python 3 writes bytes in protocol-2 pickles
+            return _latin1_encode
         raise pickle.UnpicklingError(f"CIFAR-10 batch refers to {module}.{name}, which a CIFAR batch never "
                                      "contains; refusing to unpickle it")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("CIFAR-10 batch uses persistent ids; refusing to unpickle it")
 
 
 def read_pickle_batch(path: Path):
     """One python batch file -> (x (N, 3, 32, 32) uint8, y (N,) uint8).
 
     Each row of ``b'data'`` (N, 3072) holds 1024 R, then 1024 G, then 1024 B values, each a row-major 32x32
-    plane, so ``reshape(N, 3, 32, 32)`` is already NCHW in RGB order.
+    plane, so ``reshape(N, 3, 32, 32)`` is already NCHW in RGB order. A truncated, garbled or crafted file
+    raises :class:`DatasetCorruptError` naming it (see the module doc).
     """
-    with open(path, "rb") as f:
-        d = _CifarUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except OSError:
+        raise
+    except Exception as exc:  # UnpicklingError (refused or garbled), EOFError (truncated), ValueError, ...
+        raise corrupt_file_error(path, "CIFAR-10 python batch (pickle)", exc) from exc
+
+    def bad(why: str) -> DatasetCorruptError:
+        return DatasetCorruptError(f"{path}: not a CIFAR-10 python batch ({why}); replace it with an intact copy")
+
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 batch (expected a dict)")
-    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+        raise bad(f"expected a dict, got {type(d).__name__}")
+    d = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (keys {sorted(d)}; need 'data' and 'labels')")
-    data = np.asarray(d["data"])
-    labels = np.asarray(d["labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
-        raise ValueError(f"{path}: expected data (N, 3072) uint8 and N labels, got {data.dtype}{data.shape} "
-                         f"and labels {labels.shape}")
+        raise bad(f"keys {sorted(map(str, d))}; need 'data' and 'labels'")
+    try:
+        data = np.asarray(d["data"])
+        labels = np.asarray(d["labels"])
+    except Exception as exc:
+        raise bad(f"data or labels are not arrays: {type(exc).__name__}") from exc
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],) \
+            or labels.dtype.kind not in "iu":
+        raise bad(f"expected data (N, 3072) uint8 and N integer labels, got {data.dtype}{data.shape} "
+                  f"and labels {labels.dtype}{labels.shape}")
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels.astype(np.uint8)
 
 
@@ -205,5 +256,5 @@ def extract_cifar10(tarball: Path, root: Path) -> Path:
     return final
 
 
-__all__ = ["CIFAR10_URL", "CIFAR10_MD5", "ChecksumError", "find_layout", "candidate_folders", "read_npz_layout",
+__all__ = ["CIFAR10_URL", "CIFAR10_MD5", "ChecksumError", "find_layout", "candidate_folders", "read_npz", "read_npz_layout",
            "read_pickle_layout", "read_pickle_batch", "download_cifar10", "extract_cifar10"]

@@ -1,23 +1,25 @@
 """``load_splits``: find a dataset, decode it once (cached), split train/val with a fixed seed, pick its normaliser."""
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import cache, cifar
-from .folder import load_image_folder, split_subfolders
-from .types import DatasetNotFoundError, DatasetSplits, ImageSet, Normalizer, to_nchw_tensor
+from .folder import (cached_image_folder, list_images, load_image_folder, native_size, no_images_error,
+                     shared_files, split_subfolders)
+from .types import DatasetCorruptError, DatasetNotFoundError, DatasetSplits, ImageSet, Normalizer, to_nchw_tensor
 
 ENV_DATA = "KOHONEN_VAE_DATA"
 DATASETS = ("cifar10", "utkface64", "mnist", "sample")
 FOLDER_PREFIX = "folder:"
-DEFAULT_FOLDER_SIZE = 256
 SAMPLE_PATH = Path(__file__).resolve().parents[1] / "assets" / "cifar10_sample.npz"
 
 # Shared numpy layouts: files, and how each dataset is normalised (see paper-spec section 6).
@@ -25,6 +27,9 @@ _NPZ_LAYOUTS = {
     "utkface64": {"train": ["train_1.npz", "train_2.npz"], "test": "test.npz", "shape": (3, 64, 64)},
     "mnist": {"train": ["train.npz"], "test": "test.npz", "shape": (1, 28, 28)},
 }
+#: (C, H, W) of the images of the fixed-size datasets, before any image_size resize
+_NATIVE_SHAPES = {"cifar10": (3, 32, 32), "sample": (3, 32, 32),
+                  **{name: spec["shape"] for name, spec in _NPZ_LAYOUTS.items()}}
 _NORMALISATION = {"cifar10": "standardize", "sample": "standardize", "mnist": "standardize",
                   "utkface64": "minus_one_one", "folder": "minus_one_one"}
 
@@ -119,14 +124,15 @@ def _load_shared_npz(name: str, data_dir) -> Tuple[Dict[str, np.ndarray], dict]:
     def build():
         xs, ys = [], []
         for f in files:
-            with np.load(f) as z:
-                x = z["x"]
-                y = z["y"] if "y" in z.files else None
+            z = cifar.read_npz(f, ["x"], optional=("y",), what=f"{name} numpy archive")
+            x, y = z["x"], z.get("y")
             if x.dtype != np.uint8 or x.ndim not in (3, 4):
-                raise ValueError(f"{f}: expected uint8 images, got {x.dtype} {x.shape}")
+                raise DatasetCorruptError(f"{f}: expected uint8 images, got {x.dtype} {x.shape}; replace it with "
+                                          "an intact copy")
             x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # grey (N,H,W) or NHWC -> NCHW
             if x.shape[1:] != spec["shape"]:
-                raise ValueError(f"{f}: expected images of shape {spec['shape']} (C,H,W), got {x.shape[1:]}")
+                raise DatasetCorruptError(f"{f}: expected images of shape {spec['shape']} (C,H,W), got "
+                                          f"{x.shape[1:]}; replace it with an intact copy")
             xs.append(np.ascontiguousarray(x))
             ys.append(y)
         out = {"x_train": np.concatenate(xs[:-1]), "x_test": xs[-1]}
@@ -147,26 +153,62 @@ def _load_sample() -> Tuple[Dict[str, np.ndarray], dict]:
         arrays = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     arrays["x_train"] = np.ascontiguousarray(arrays["x_train"].transpose(0, 3, 1, 2))
     arrays["x_test"] = np.ascontiguousarray(arrays["x_test"].transpose(0, 3, 1, 2))
-    return arrays, {"source": str(SAMPLE_PATH), "layout": "npz (bundled)", "cache": "off", "cache_path": None}
+    return arrays, {"source": str(SAMPLE_PATH), "layout": "npz (bundled)", "cache": "off", "cache_path": None,
+                    "fingerprint": cache.arrays_fingerprint(arrays)}
 
 
-def _load_folder(path: str, image_size: int) -> Tuple[Dict[str, np.ndarray], dict]:
+def _load_folder(path: str, image_size: Optional[int], check_shape) -> Tuple[Dict[str, np.ndarray], dict]:
+    """The folder dataset at ``path``: its parts (the folder, or train/ + test|val/) are listed, the size is
+    settled (``image_size``, else the images' own: :func:`~kohonen_vae.data.folder.native_size`) and checked
+    by ``check_shape`` before anything is decoded."""
+    from ..errors import ConfigError
+
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise DatasetNotFoundError(
             f"dataset 'folder:{path}' not found. Looked at: {folder.resolve()} (not a folder).\n"
             "Expected layout: a folder (any depth) of .png/.jpg/.jpeg/.bmp/.webp images, optionally with train/ and "
             "test/ (or val/) subfolders. Fix: give an existing folder, e.g. folder:/path/to/imagenet.")
+    folder = folder.resolve()
     sub = split_subfolders(folder)
+    parts = [(folder, folder.name)] if sub is None else [(sub[0], f"{folder.name}/train"),
+                                                         (sub[1], f"{folder.name}/{sub[1].name}")]
+    lists = [list_images(p) for p, _ in parts]
+    for (p, _), files in zip(parts, lists):
+        if not files:
+            raise no_images_error(p)
+    if sub is not None:
+        both = shared_files(lists[0], lists[1])
+        if both:
+            names = ", ".join(Path(os.path.relpath(p, sub[1])).as_posix() for p in both[:3])
+            raise ConfigError(f"dataset 'folder:{folder}': {len(both)} of the {len(lists[1])} images in "
+                              f"{sub[1].name}/ are the same files as images in train/ (via links: {names}"
+                              f"{', ...' if len(both) > 3 else ''}); held-out images must not be training images. "
+                              "Remove those links or copies.")
+    key_size = "native" if image_size is None else int(image_size)
+    size = None if image_size is None else int(image_size)
+    hits = [None] * len(parts)
+    if size is None:  # the images' own size: from earlier decodes of exactly these files, else their headers
+        hits = [cached_image_folder(p, files, "native") for (p, _), files in zip(parts, lists)]
+        sides = {h[0].shape[-1] for h in hits if h is not None}
+        size = sides.pop() if all(h is not None for h in hits) and len(sides) == 1 else \
+            native_size([f for files in lists for f in files], f"folder:{folder}")
+    if check_shape is not None:
+        check_shape((3, size, size))
+    loaded = []
+    for (p, label), files, hit in zip(parts, lists, hits):
+        loaded.append(hit if hit is not None else
+                      load_image_folder(p, size, f"{label} @ {size}px", files=files, key_size=key_size))
+    (x_train, tinfo), *rest = loaded
+    info = {"source": str(folder), "train_info": tinfo, "cache": tinfo["cache"], "cache_path": tinfo["cache_path"],
+            "image_size": size, "image_size_from": "images" if image_size is None else "argument"}
     if sub is None:
-        x_train, info = load_image_folder(folder, image_size, label=f"{folder.name} @ {image_size}px")
-        return {"x_train": x_train}, {"source": str(folder.resolve()), "layout": "flat folder (no test set)",
-                                      "train_info": info, "cache": info["cache"], "cache_path": info["cache_path"]}
-    x_train, tinfo = load_image_folder(sub[0], image_size, label=f"{folder.name}/train @ {image_size}px")
-    x_test, hinfo = load_image_folder(sub[1], image_size, label=f"{folder.name}/{sub[1].name} @ {image_size}px")
-    return {"x_train": x_train, "x_test": x_test}, {
-        "source": str(folder.resolve()), "layout": f"train/ + {sub[1].name}/ (as test)", "train_info": tinfo,
-        "test_info": hinfo, "cache": tinfo["cache"], "cache_path": tinfo["cache_path"]}
+        info.update(layout="flat folder (no test set)", fingerprint=cache.hash_key({"x_train": tinfo["fingerprint"]}))
+        return {"x_train": x_train}, info
+    x_test, hinfo = rest[0]
+    info.update(layout=f"train/ + {sub[1].name}/ (as test)", test_info=hinfo,
+                fingerprint=cache.hash_key({"x_train": tinfo["fingerprint"], "x_test": hinfo["fingerprint"]}))
+    return {"x_train": x_train, "x_test": x_test}, info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,15 +276,37 @@ def _labels(y) -> Optional[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------------------------
+def check_image_size_value(image_size) -> Optional[int]:
+    """``image_size`` as an int (None stays None); ValueError naming it unless it is a positive integer (an int,
+    or an integral finite float such as 32.0; not a bool, string, NaN or infinity)."""
+    if image_size is None:
+        return None
+    ok = isinstance(image_size, numbers.Integral) and not isinstance(image_size, bool)
+    if isinstance(image_size, float) and math.isfinite(image_size) and image_size == int(image_size):
+        ok = True
+    if not ok or int(image_size) < 1:
+        raise ValueError(f"image_size (data.image_size) must be a positive integer or None (the images' own size), "
+                         f"got {image_size!r}")
+    return int(image_size)
+
+
 def load_splits(name: str, data_dir=None, image_size: Optional[int] = None, val_fraction: float = 0.2,
-                split_seed: int = 0, download: bool = False) -> DatasetSplits:
+                split_seed: int = 0, download: bool = False,
+                check_shape: Optional[Callable[[tuple], None]] = None) -> DatasetSplits:
     """Load dataset ``name`` and return :class:`DatasetSplits` (train, val, test, normalizer, info).
 
     Names: ``cifar10``, ``utkface64``, ``mnist``, ``sample`` (bundled 3,000 + 500 CIFAR-10 images), ``folder:PATH``.
     Images are uint8 (N, C, H, W) tensors: cifar10/sample (3, 32, 32), utkface64 (3, 64, 64), mnist (1, 28, 28),
-    folder (3, S, S) with S = ``image_size`` or 256. For the fixed-size datasets ``image_size`` resizes once at
-    load time (box average for integer downscale factors, else antialiased bilinear; see
-    :func:`resize_uint8`).
+    folder (3, S, S). ``image_size`` (``data.image_size``; a positive integer, validated before anything is read):
+    for the fixed-size datasets it resizes once at load time (box average for integer downscale factors, else
+    antialiased bilinear; see :func:`resize_uint8`); a folder's images are decoded at S = ``image_size``
+    (squashed, aspect ratio not kept). Without it a folder keeps its images' own size when they all share one
+    square size, else one ConfigError asks for ``data.image_size`` and names the sizes found
+    (:mod:`kohonen_vae.data.folder`). ``check_shape((C, H, W))``, if given, is called with the shape the images
+    will have before anything is decoded (e.g. to refuse a size the model cannot run on); what it raises
+    propagates.
+    Folder datasets visit each real file once (symbolic links resolved, link loops end); a ``test/`` (or ``val/``)
+    folder that holds the same files as ``train/`` is refused (ConfigError).
     Split (paper protocol): val = a fixed random ``val_fraction`` of the *training* set, drawn with
     ``torch.Generator().manual_seed(split_seed)``; train = the rest; test = the separate test set (or None).
     Normaliser, y = (x/255 - mean)/std: cifar10, sample, mnist use the per-channel mean/std of ``train``;
@@ -250,33 +314,44 @@ def load_splits(name: str, data_dir=None, image_size: Optional[int] = None, val_
     Data roots: ``data_dir``, else ``$KOHONEN_VAE_DATA``, else ``./data`` then ``<checkout>/../shared/data``; a dataset
     sits in ``<root>/<name>/`` or ``<root>``. Decoded arrays are cached as ``.npy`` in ``$KOHONEN_VAE_CACHE``
     (default ``~/.cache/kohonen_vae``). ``download=True`` (cifar10 only) fetches the md5-checked python tarball into
-    the first root (``data_dir``, ``$KOHONEN_VAE_DATA`` or ``./data``) when no copy is found. Raises DatasetNotFoundError (what was looked at, how to get it) or
-    ValueError for an unknown name.
+    the first root (``data_dir``, ``$KOHONEN_VAE_DATA`` or ``./data``) when no copy is found. Raises DatasetNotFoundError (what was looked at, how to get it),
+    DatasetCorruptError (a ValueError: a file that is truncated, damaged or crafted; the message names it), or
+    ValueError for an unknown name or a bad argument.
+
+    ``info`` holds, besides where the data came from and the cache use: ``sizes``, ``image_shape``,
+    ``image_size`` (the side of the images) and ``image_size_from`` ("argument", "images" for a folder's own
+    size, "dataset" for a fixed-size dataset's own), and ``fingerprint``: 20 hex digits identifying the decoded
+    source images and labels (every array's shape, dtype and sha256, before the split and any resize; see
+    :func:`kohonen_vae.data.cache.content_fingerprint`). Equal fingerprints mean byte-identical decoded data,
+    wherever the files live and whatever their mtimes; it is free on a cache hit.
     """
     t0 = time.perf_counter()
     if not isinstance(name, str):
         raise ValueError(f"dataset name must be a string, one of {', '.join(DATASETS)} or folder:PATH; got {name!r}")
-    if image_size is not None and (int(image_size) != image_size or int(image_size) < 1):
-        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    image_size = check_image_size_value(image_size)
+    if not 0.0 <= float(val_fraction) < 1.0:  # checked again by split_indices; here before anything is read
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if name.startswith(FOLDER_PREFIX):
         path = name[len(FOLDER_PREFIX):]
         if not path:
             raise ValueError("folder: needs a path, e.g. 'folder:/data/imagenet'")
-        size = int(image_size) if image_size is not None else DEFAULT_FOLDER_SIZE
-        arrays, info = _load_folder(path, size)
-        kind = "folder"
-        image_size = None  # already decoded at the requested size
-    elif name == "cifar10":
-        arrays, info = _load_cifar10(data_dir, download)
-        kind = name
-    elif name in _NPZ_LAYOUTS:
-        arrays, info = _load_shared_npz(name, data_dir)
-        kind = name
-    elif name == "sample":
-        arrays, info = _load_sample()
-        kind = name
+        arrays, info = _load_folder(path, image_size, check_shape)  # decoded at the settled size
+        kind, image_size = "folder", None
     else:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, folder:PATH")
+        if name not in _NATIVE_SHAPES:
+            raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, folder:PATH")
+        c, h, w = _NATIVE_SHAPES[name]
+        if check_shape is not None:
+            check_shape((c, h, w) if image_size is None else (c, image_size, image_size))
+        if name == "cifar10":
+            arrays, info = _load_cifar10(data_dir, download)
+        elif name in _NPZ_LAYOUTS:
+            arrays, info = _load_shared_npz(name, data_dir)
+        else:  # "sample"
+            arrays, info = _load_sample()
+        kind = name
+        info.update(image_size=h if image_size is None else image_size,
+                    image_size_from="dataset" if image_size is None else "argument")
 
     x_train = to_nchw_tensor(arrays["x_train"])
     x_test = to_nchw_tensor(arrays["x_test"]) if arrays.get("x_test") is not None else None
@@ -314,12 +389,15 @@ def splits_key(data: dict) -> str:
                        data.get("split_seed", 0)], default=str)
 
 
-def splits_from_config(data: dict, download: Optional[bool] = None) -> DatasetSplits:
+def splits_from_config(data: dict, download: Optional[bool] = None,
+                       check_shape: Optional[Callable[[tuple], None]] = None) -> DatasetSplits:
     """:func:`load_splits` with the arguments of a run config's ``data`` table (missing keys take
-    :func:`load_splits`' defaults); ``download`` overrides ``data["download"]``. Training, reproduction
-    and reports all load a run's data through this one function, so they see the same split."""
+    :func:`load_splits`' defaults); ``download`` overrides ``data["download"]``; ``check_shape`` as in
+    :func:`load_splits`. Training, reproduction and reports all load a run's data through this one function,
+    so they see the same split."""
     if "name" not in data:
         raise ValueError("the data config has no 'name' (e.g. data.name = 'cifar10')")
     return load_splits(data["name"], data_dir=data.get("data_dir"), image_size=data.get("image_size"),
                        val_fraction=data.get("val_fraction", 0.2), split_seed=data.get("split_seed", 0),
-                       download=data.get("download", False) if download is None else download)
+                       download=data.get("download", False) if download is None else download,
+                       check_shape=check_shape)

@@ -1,4 +1,5 @@
-"""Plain containers of the data layer: image sets, splits, the pixel normaliser and the not-found error."""
+"""Plain containers of the data layer: image sets, splits, the pixel normaliser, and the data errors
+(:class:`DatasetNotFoundError`, :class:`DatasetCorruptError`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,6 +9,24 @@ import numpy as np
 import torch
 
 from ..errors import DatasetNotFoundError  # noqa: F401 (its home is kohonen_vae.errors; re-exported here)
+
+try:  # its home is kohonen_vae.errors (one place for the errors a user meets); re-exported here
+    from ..errors import DatasetCorruptError  # noqa: F401
+except ImportError:  # until kohonen_vae.errors defines it
+    class DatasetCorruptError(ValueError):
+        """A dataset file is truncated, damaged or not what its layout promises (e.g. a crafted pickle). The
+        one-line message names the file and the fix (replace it with an intact copy)."""
+
+
+def corrupt_file_error(path, what: str, exc: BaseException) -> "DatasetCorruptError":
+    """A one-line :class:`DatasetCorruptError` for the file ``path`` that could not be read as ``what``
+    because of ``exc`` (for ``raise ... from exc``)."""
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    err = DatasetCorruptError(f"{path}: not a readable {what} ({detail}); the file is truncated, damaged or not "
+                              "what its name says. Replace it with an intact copy (or delete it and fetch the "
+                              "dataset again)")
+    err.filename = str(path)
+    return err
 
 
 @dataclass

@@ -69,6 +69,9 @@ class Experiment:
     dataset_kind: str = "cifar"    # which CPU-scale settings apply
     cpu_overrides: dict = field(default_factory=dict)  # merged into every config at the cpu scale
     long_steps: int | None = None  # training steps at the long scale (None: not defined at that scale)
+    long_variants: tuple | None = None  # labels of the variants trained at the long scale (None: all)
+    organisation: bool = False     # the table gets topographic error, map smoothness, index-perturbation
+                                   # robustness (every seed's final model) and interleaved ms per step
 
 
 def _robustness_variants():
@@ -79,6 +82,25 @@ def _robustness_variants():
                 out.append(Variant(f"{mode} {name} N0={n0:g}", {**q, "count_init": n0, "update_unused": update_unused}))
     return out
 
+
+#: the collapse fixes practitioners use today (landscape.md), natively and through vector-quantize-pytorch; each
+#: baseline with the settings its own users give it (VectorQuantize's defaults: rotation trick on in 1.32,
+#: decay 0.8, commitment weight 1, kaiming-uniform init; dead-code threshold 2 as in its README)
+FIELD_VARIANTS = [
+    Variant("EMA-VQ", EMA),
+    Variant("EMA-VQ + uniform init", {**EMA, "codebook_init": "uniform"}),
+    Variant("EMA-VQ + k-means init", {**EMA, "kmeans_init": True, "kmeans_iters": 10}),
+    Variant("EMA-VQ + restarts", {**EMA, "threshold_ema_dead_code": 2}),
+    Variant("KSOM hard", HARD),
+    Variant("KSOM hard + restarts", {**HARD, "threshold_ema_dead_code": 2}),
+    Variant("KSOM hard + k-means init", {**HARD, "kmeans_init": True, "kmeans_iters": 10}),
+    Variant("KSOM Gaussian", GAUSS),
+    Variant("VectorQuantize (defaults)", {"type": "vqp", "cls": "VectorQuantize"}),
+    Variant("VectorQuantize straight-through", {"type": "vqp", "cls": "VectorQuantize",
+                                                "options": {"rotation_trick": False}}),
+    Variant("FSQ 8x8x8", {"type": "vqp", "cls": "FSQ", "options": {"levels": [8, 8, 8]}}),
+    Variant("SimVQ", {"type": "vqp", "cls": "SimVQ"}),
+]
 
 EXPERIMENTS = {
     "main": Experiment(
@@ -130,6 +152,13 @@ EXPERIMENTS = {
         [Variant("EMA-VQ", EMA), Variant("EMA-VQ N0=0", {**EMA, "count_init": 0.0}), Variant("KSOM hard", HARD),
          Variant("KSOM Gaussian", GAUSS)],
         seeds={"paper": 1, "cpu": 1, "tiny": 1}, cpu_steps=1000),
+    "field": Experiment(
+        "field", "KSOM against the collapse fixes practitioners use today on CIFAR-10: EMA-VQ with the paper's "
+        "N(0, I) init, a uniform init, k-means init and dead-code restarts; KSOM hard alone and with restarts or "
+        "k-means; KSOM Gaussian; vector-quantize-pytorch's VectorQuantize (its defaults, and straight-through), "
+        "FSQ (8, 8, 8) and SimVQ, all with K = 512.", "cifar10-ksom-hard", FIELD_VARIANTS,
+        seeds={"paper": 3, "cpu": 3, "long": 1, "tiny": 1}, cpu_steps=1000, long_steps=20000,
+        long_variants=("EMA-VQ", "KSOM hard", "KSOM Gaussian"), organisation=True),
 }
 
 # ------------------------------------------------------------------------------------------------ scales
@@ -202,6 +231,9 @@ def build_config(experiment: Experiment, variant: Variant, scale: str, seed: int
         if cfg["model"].get("arch") == "vqvae2":
             cfg["data"]["image_size"] = 64  # VQ-VAE-2 needs >= 64x64; the sample is 32x32 CIFAR, upsampled
     quantizer.update(variant.quantizer)
+    levels = quantizer.get("options", {}).get("levels")
+    if levels:  # FSQ: K is the product of its levels at every scale
+        quantizer["codebook_size"] = math.prod(levels)
     cfg.setdefault("model", {})["quantizer"] = quantizer  # the variant's table replaces the base's
     cfg = deep_merge(cfg, variant.overrides)
     cfg["seed"] = int(seed)
@@ -220,7 +252,10 @@ def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
         raise ConfigError(f"--scale long is defined for {', '.join(long_experiments())} only, not {experiment!r}")
     if n < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n}")
-    return [(v, s, build_config(exp, v, scale, s)) for v in exp.variants for s in range(n)]
+    variants = exp.variants
+    if scale == "long" and exp.long_variants is not None:
+        variants = [v for v in variants if v.label in exp.long_variants]
+    return [(v, s, build_config(exp, v, scale, s)) for v in variants for s in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -376,8 +411,13 @@ def markdown_table(experiment: str, rows) -> str:
     Runs not finished yet are not counted; their variant's row says how many of the planned runs are in."""
     exp = EXPERIMENTS[experiment]
     exponent = int(round(math.log10(exp.loss_scale)))
+    rows = list(rows)
+    extra = any("organisation" in r for r in rows)
     head = (f"| configuration | runs | best val MSE ×10^{exponent} | steps to EMA-VQ's best | +10% step | +20% step "
-            "| final perplexity | used codes |\n|---|---|---|---|---|---|---|---|\n")
+            "| final perplexity | used codes |")
+    if extra:
+        head += " topographic error | map smoothness | index-perturbation MSE ratio | ms / step |"
+    head += "\n|" + "---|" * (8 + 4 * extra) + "\n"
     body = ""
     unfinished = False
     for r in rows:
@@ -391,10 +431,28 @@ def markdown_table(experiment: str, rows) -> str:
         if r.get("reached") and r["reached"] < r["n"]:
             reach += f" ({r['reached']} of {r['n']} runs)"
         body += (f"| {r['label']} | {runs} | {_pm(r['loss'], '.2f')} | {reach} | {_pm(r['c10'], '.0f')} | "
-                 f"{_pm(r['c20'], '.0f')} | {ppl or '–'} | {used or '–'} |\n")
+                 f"{_pm(r['c20'], '.0f')} | {ppl or '–'} | {used or '–'} |")
+        if extra:
+            org = r.get("organisation", {})
+            fmt = {"topographic_error": ".3f", "map_smoothness": ".3f", "perturbation_mse_ratio": ".2f"}
+            body += "".join(f" {_pm(org.get(k, (None, None)), f)} |" for k, f in fmt.items())
+            body += f" {_fmt_num(r.get('ms_per_step'), '.0f')} |"
+        body += "\n"
     if unfinished:
         body += "\n\\* runs still training or not started are not counted in this row.\n"
+    if extra:
+        body += ("\nTopographic error, map smoothness (decoded-image distance of grid neighbours / of random pairs) and "
+                 "index-perturbation MSE ratio (reconstruction MSE with every index moved to a random grid neighbour / "
+                 f"clean MSE) of each seed's final model on {ORGANISATION_IMAGES} validation images. For EMA-VQ, "
+                 "VectorQuantize and SimVQ the grid is the index order, which nothing organises: their values are the "
+                 "unorganised reference; FSQ's grid is its level lattice. ms / step: one training step (forward, "
+                 "backward, AdamW) of each configuration, measured side by side in one process "
+                 "(median of 12 interleaved rounds).\n")
     return head + body
+
+
+def _fmt_num(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
 
 
 def _html_table(rows, experiment: str) -> str:
@@ -403,6 +461,82 @@ def _html_table(rows, experiment: str) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cells[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+ORGANISATION_IMAGES = 1000
+ORGANISATION_KEYS = ("topographic_error", "map_smoothness", "perturbation_mse_ratio")
+
+
+def organisation_metrics(runs, root: Path, log=print) -> dict:
+    """``{run_dir: {key: value of the first level}}`` for every finished run: topographic error, map
+    smoothness and index-perturbation robustness of its final model (``last.pt``) on a fixed
+    :data:`ORGANISATION_IMAGES`-image subset of its validation split. Cached in ``root/organisation.json``
+    (keyed by run directory and step), so a rerun evaluates only new runs."""
+    from .fileio import atomic_write_json
+    from .report import evaluate_runs, load_run
+
+    cache_path = root / "organisation.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    out = {}
+    for _, _, d in runs:
+        if not run_finished(d):
+            continue
+        steps = json.loads((d / "summary.json").read_text())["steps"]
+        key = str(d)
+        if key in cache and cache[key].get("step") == steps:
+            out[key] = cache[key]
+            continue
+        log(f"organisation metrics: {d}")
+        run = load_run(d, "last", device="cpu")
+        evaluate_runs([run], max_images=ORGANISATION_IMAGES)
+        level = run.model.level_names[-1]  # the bottom level (the only one of a VQ-VAE)
+        out[key] = cache[key] = {"step": steps, **{k: run.metrics.get(f"{level}/{k}") for k in ORGANISATION_KEYS}}
+        atomic_write_json(cache_path, cache)
+    return out
+
+
+def step_times(experiment: str, runs, root: Path, log=print) -> dict:
+    """``{label: ms per training step}``: one config per variant, measured side by side in one process
+    (:func:`kohonen_vae.steptime.interleaved_step_times`) on real training images; cached in
+    ``root/step_times.json`` (delete it to measure again)."""
+    from .data import splits_from_config
+    from .fileio import atomic_write_json
+    from .steptime import interleaved_step_times
+    from .training.config import resolve_config
+
+    cache_path = root / "step_times.json"
+    if cache_path.is_file():
+        return {k: v["ms_per_step"] for k, v in json.loads(cache_path.read_text())["times"].items()}
+    configs = {}
+    for v, _, d in runs:
+        if v.label not in configs and (d / "config.json").is_file():
+            configs[v.label] = resolve_config(json.loads((d / "config.json").read_text()))
+    if not configs:
+        return {}
+    first = next(iter(configs.values()))
+    splits = splits_from_config(first["data"])
+    log(f"measuring training-step times of {len(configs)} configurations side by side ...")
+    threads = torch_threads()
+    times = interleaved_step_times(configs, splits.train.images[:512], splits.normalizer, progress=True)
+    atomic_write_json(cache_path, {"threads": threads, "times": times,
+                                   "note": "median over 12 interleaved rounds of 4 steps, after 3 warm-up steps"})
+    return {k: v["ms_per_step"] for k, v in times.items()}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def organisation_columns(experiment: str, runs, rows, root: Path, log=print) -> None:
+    """Add ``"organisation"`` ({key: (mean, std)} over finished seeds) and ``"ms_per_step"`` to the rows."""
+    metrics = organisation_metrics(runs, root, log)
+    times = step_times(experiment, runs, root, log)
+    for r in rows:
+        vals = [metrics[str(d)] for v, _, d in runs if v.label == r["label"] and str(d) in metrics]
+        r["organisation"] = {k: _mean_std([m.get(k) for m in vals]) for k in ORGANISATION_KEYS}
+        r["ms_per_step"] = times.get(r["label"])
 
 
 def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> dict:
@@ -417,6 +551,8 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
     root = experiment_dir(out_dir, experiment, scale)
     exp = EXPERIMENTS[experiment]
     rows = aggregate(experiment, runs)
+    if exp.organisation:
+        organisation_columns(experiment, runs, rows, root)
     table = markdown_table(experiment, rows)
     pngs = {}
     curve_runs = [(v.label, read_metrics(d / "metrics.jsonl")) for v, _, d in runs if (d / "metrics.jsonl").is_file()]

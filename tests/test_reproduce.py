@@ -1,3 +1,4 @@
+import json
 import re
 
 import pytest
@@ -9,17 +10,22 @@ from kohonen_vae.training.config import resolve_config
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
 @pytest.mark.parametrize("scale", SCALES)
 def test_every_configuration_grid_builds_and_validates(experiment, scale):
+    if experiment == "field":
+        pytest.importorskip("vector_quantize_pytorch", reason="the field grid builds vector-quantize-pytorch "
+                                                              "quantisers: pip install 'kohonen-vae[field]'")
     if scale == "long" and experiment not in long_experiments():
         with pytest.raises(ValueError, match="long is defined for"):
             plan(experiment, scale, seeds=2)
         return
     runs = plan(experiment, scale, seeds=2)
-    assert len(runs) == 2 * len(EXPERIMENTS[experiment].variants)
+    exp = EXPERIMENTS[experiment]
+    n_variants = len(exp.long_variants) if scale == "long" and exp.long_variants else len(exp.variants)
+    assert len(runs) == 2 * n_variants
     resolved = [resolve_config(cfg) for _, _, cfg in runs]
     assert {c["seed"] for c in resolved} == {0, 1}
     # no two variants collapse onto the same configuration
     keys = {repr(sorted(c["model"]["quantizer"].items())) + repr(c["train"]) for c in resolved if c["seed"] == 0}
-    assert len(keys) == len(EXPERIMENTS[experiment].variants)
+    assert len(keys) == n_variants
     if scale == "paper":
         assert all(c["train"]["max_steps"] == 30000 and c["train"]["eval_every"] == 1000 for c in resolved)
     if scale == "cpu":
@@ -128,3 +134,25 @@ def test_partial_grid_counts_only_finished_runs_and_marks_the_rest(tmp_path):
     table = markdown_table("main", rows.values())
     assert "| EMA-VQ | 1 of 2* |" in table and "| KSOM hard | 1 of 2* |" in table
     assert "not counted" in table
+
+
+def test_tiny_field_trains_every_baseline_and_tables_organisation_and_step_times(tmp_path):
+    """Issue 12: the field grid (native collapse fixes and vector-quantize-pytorch's VectorQuantize, FSQ and
+    SimVQ through type = "vqp") trains in our trainer and its table has the organisation columns."""
+    pytest.importorskip("vector_quantize_pytorch", reason="pip install 'kohonen-vae[field]'")
+    from kohonen_vae.reproduce import FIELD_VARIANTS
+
+    logs = []
+    out = reproduce("field", tmp_path, scale="tiny", seeds=1, log=logs.append)
+    rows = {r["label"]: r for r in out["rows"]}
+    assert set(rows) == {v.label for v in FIELD_VARIANTS} and all(r["n"] == 1 for r in rows.values())
+    for label, r in rows.items():
+        assert r["ms_per_step"] is not None and r["ms_per_step"] > 0, label
+        te, smooth, ratio = (r["organisation"][k][0] for k in ("topographic_error", "map_smoothness",
+                                                                  "perturbation_mse_ratio"))
+        assert 0 <= te <= 1 and smooth > 0 and ratio is not None and ratio > 0, label
+    assert rows["FSQ 8x8x8"]["organisation"]["topographic_error"][0] == 0  # a lattice: the 2 nearest are neighbours
+    table = (tmp_path / "field-tiny" / "results.md").read_text()
+    assert "index-perturbation MSE ratio" in table and "ms / step" in table and "| SimVQ | 1 |" in table
+    times = json.loads((tmp_path / "field-tiny" / "step_times.json").read_text())
+    assert set(times["times"]) == set(rows)

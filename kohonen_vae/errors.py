@@ -40,6 +40,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on disk. The message names the dataset, every path looked at and how to get it."""
 
 
+class DatasetCorruptError(ValueError):
+    """A dataset file is truncated, damaged or not what its layout promises (e.g. a crafted pickle); the
+    one-line message names the file and the fix (replace it with an intact copy)."""
+
+
 class MissingDependencyError(ImportError):
     """An optional feature needs a package that is not installed; the message says what to install."""
 
@@ -49,8 +54,8 @@ class DiskFullError(OSError):
 
 
 #: the exceptions the command line reports as one ``error:`` line with exit code 2
-USER_ERRORS = (ConfigError, DatasetNotFoundError, NonFiniteInputError, GeometryMismatchError, MissingDependencyError,
-               DiskFullError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, DatasetCorruptError, NonFiniteInputError, GeometryMismatchError,
+               MissingDependencyError, DiskFullError)
 
 #: errno values that mean "no space left" (disk full, quota exceeded)
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

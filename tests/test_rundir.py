@@ -237,3 +237,25 @@ def test_failed_start_leaves_no_folder_and_resume_below_done_steps_changes_nothi
     with pytest.raises(ResumeError, match="max_steps = 4 is below the 8 steps already done"):
         train(tiny("train.max_steps=4"), out, resume=True)
     assert (out / "config.json").read_text() == config
+
+
+def test_resume_refuses_a_dataset_that_changed_since_the_run_started(tmp_path, monkeypatch):
+    """Issue 11 item 11: resuming on other data would silently mix two datasets in one run."""
+    from PIL import Image
+    import numpy as np
+
+    monkeypatch.setenv("KOHONEN_VAE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "images" / "train" / "a"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"{i:02d}.png")
+    cfg = ["data.name=folder:" + str(tmp_path / "images"), "data.val_max_images=8", "data.test_max_images=8"]
+    out = tmp_path / "run"
+    train(tiny(*cfg, "train.max_steps=4"), out)
+    assert json.loads((out / "data.json").read_text())["fingerprint"]
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "07.png")  # one image edited
+    before = snapshot(out)
+    with pytest.raises(ResumeError, match="the dataset changed since the run started"):
+        train(tiny(*cfg, "train.max_steps=8"), out, resume=True)
+    assert snapshot(out) == before

@@ -8,14 +8,8 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..errors import DatasetNotFoundError  # noqa: F401 (its home is kohonen_vae.errors; re-exported here)
-
-try:  # its home is kohonen_vae.errors (one place for the errors a user meets); re-exported here
-    from ..errors import DatasetCorruptError  # noqa: F401
-except ImportError:  # until kohonen_vae.errors defines it
-    class DatasetCorruptError(ValueError):
-        """A dataset file is truncated, damaged or not what its layout promises (e.g. a crafted pickle). The
-        one-line message names the file and the fix (replace it with an intact copy)."""
+# their home is kohonen_vae.errors (one place for the errors a user meets); re-exported here
+from ..errors import DatasetCorruptError, DatasetNotFoundError  # noqa: F401
 
 
 def corrupt_file_error(path, what: str, exc: BaseException) -> "DatasetCorruptError":

@@ -141,15 +141,40 @@ def evaluate(model, images: torch.Tensor, normalizer, batch_size: int, device, b
 
 
 def _load_data(cfg: dict, splits):
+    """The run's splits (``splits`` if given); the image shape is checked against the model before anything
+    is decoded (``check_shape``), so a wrong size fails in a second, not after decoding a dataset."""
     if splits is not None:
         return splits
     from ..data import splits_from_config  # lazily: the data layer is only needed when no splits are given
+    from ..errors import DatasetCorruptError
 
     d = cfg["data"]
+
+    def check(shape):
+        c, h, w = shape
+        if h != w:
+            raise ConfigError(f"the models need square images, the dataset has {h}x{w}; set data.image_size")
+        check_image_size(cfg["model"], h, in_channels=c)
+
     try:
-        return splits_from_config(d)
+        return splits_from_config(d, check_shape=check)
+    except (ConfigError, DatasetCorruptError):
+        raise
     except ValueError as e:  # bad name/size/fraction, or files that are not what the layout promises
         raise ConfigError(f"data ({d.get('name')}): {e}") from e
+
+
+def _check_same_dataset(out: Path, splits) -> None:
+    """Refuse to resume on data that differ from the data the run started on (``data.json``'s fingerprint,
+    a hash of the decoded images and labels); runs without a recorded fingerprint are not checked."""
+    try:
+        recorded = json.loads((out / "data.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return
+    current = splits.info.get("fingerprint")
+    if recorded and current and recorded != current:
+        raise ResumeError(f"cannot resume {out}: the dataset changed since the run started (fingerprint {recorded} "
+                          f"in data.json, {current} now); point data.data_dir at the original data or start a new run")
 
 
 # -- the loop ------------------------------------------------------------------------------------------------
@@ -175,6 +200,8 @@ def train(config: dict, out_dir, *, resume: bool = False, splits=None, resume_fr
     ckpt = _open_run_directory(run_dir, cfg, resume, resume_from, out)
     try:
         splits = _load_data(cfg, splits)
+        if ckpt is not None:
+            _check_same_dataset(out, splits)
         train_images, val_images, test_images, normalizer = _prepare_images(cfg, splits, device)
         seed_everything(cfg["seed"])  # same seed on every rank, so every replica starts identical
         model = build_model(cfg["model"]).to(device)

@@ -226,33 +226,70 @@ NEIGHBORHOODS = {
 }
 
 
+def _parameters(cls) -> list[str]:
+    """Keyword parameters of a kernel's or schedule's constructor (the schedule argument excluded)."""
+    import inspect
+
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n not in ("self", "schedule") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def make_schedule(schedule="harmonic", shrink: float = 0.1, **kwargs):
-    """A schedule from a name (``harmonic`` uses ``shrink``; ``exponential`` takes ``time_constant`` and
-    ``floor`` from ``kwargs``) or a callable ``step -> factor`` passed through."""
+    """A schedule from a name in :data:`SCHEDULES` (its constructor's parameters from ``shrink`` and
+    ``kwargs``: ``harmonic`` takes ``shrink``, ``exponential`` ``time_constant`` and ``floor``) or a callable
+    ``step -> factor`` passed through. Unknown parameters are refused with the valid ones."""
     if callable(schedule):
         return schedule
-    if schedule == "harmonic":
-        return HarmonicSchedule(shrink)
-    if schedule == "exponential":
-        return ExponentialSchedule(**kwargs)
-    raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a callable")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass a callable")
+    cls = SCHEDULES[schedule]
+    allowed = _parameters(cls)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not an option of the {schedule!r} schedule; its options: "
+                         f"{', '.join(allowed)}")
+    args = dict(kwargs)
+    if "shrink" in allowed:
+        args.setdefault("shrink", shrink)
+    return cls(**args)
 
 
 def make_neighborhood(neighborhood="hard", *, shrink: float = 0.1, sigma: float = 10.0, schedule="harmonic",
-                       **schedule_kwargs) -> Neighborhood:
-    """A kernel from a name in :data:`NEIGHBORHOODS` (or a :class:`Neighborhood`, returned as is)."""
+                      **options) -> Neighborhood:
+    """A kernel from a name in :data:`NEIGHBORHOODS`, a table ``{"kind": name, **options}`` (as a config
+    writes it: ``neighborhood = {kind = "hard", radius = 2.5}``), or a :class:`Neighborhood` (returned as is).
+
+    Every option goes to whichever takes it by name: the kernel's constructor (``radius`` of ``hard``,
+    ``sigma`` of ``exponential``/``gaussian``) or the schedule's (``shrink``, ``time_constant``, ``floor``).
+    So a kernel with a new parameter needs a change here only: the quantisers and the config pass the
+    table through. An option that neither takes is refused with the valid ones."""
     if isinstance(neighborhood, Neighborhood):
         return neighborhood
+    options = dict(options)
+    if isinstance(neighborhood, dict):
+        table = dict(neighborhood)
+        if "kind" not in table:
+            raise ValueError(f"a neighborhood table needs a 'kind' ({', '.join(NEIGHBORHOODS)}), got {neighborhood!r}")
+        neighborhood = table.pop("kind")
+        options.update(table)
     if neighborhood in ("gauss", "paper-gaussian"):
         raise ValueError(
             f"ambiguous neighborhood {neighborhood!r}: use 'exponential' for the paper's \"Gaussian\" "
             "(exp(-d (1 + tau t) / sigma0)) or 'gaussian' for the classical exp(-d^2 / (2 sigma^2))"
         )
-    if neighborhood not in NEIGHBORHOODS:
+    if not isinstance(neighborhood, str) or neighborhood not in NEIGHBORHOODS:
         raise ValueError(f"unknown neighborhood {neighborhood!r}; choose one of {list(NEIGHBORHOODS)}")
-    sched = make_schedule(schedule, shrink, **schedule_kwargs)
-    if neighborhood == "none":
-        return NoNeighborhood(sched)
-    if neighborhood == "hard":
-        return HardNeighborhood(sched)
-    return NEIGHBORHOODS[neighborhood](sched, sigma=sigma)
+    cls = NEIGHBORHOODS[neighborhood]
+    kernel_params = _parameters(cls)
+    schedule = options.pop("schedule", schedule)
+    shrink = options.pop("shrink", shrink)
+    sched_params = _parameters(SCHEDULES[schedule]) if isinstance(schedule, str) and schedule in SCHEDULES else []
+    kernel_args = {k: options.pop(k) for k in list(options) if k in kernel_params}
+    sched_args = {k: options.pop(k) for k in list(options) if k in sched_params}
+    if options:
+        valid = sorted(set(kernel_params) | set(sched_params) | {"shrink", "schedule"})
+        raise ValueError(f"{sorted(options)[0]!r} is not an option of the {neighborhood!r} neighborhood with the "
+                         f"{schedule if isinstance(schedule, str) else 'custom'!r} schedule; valid: {', '.join(valid)}")
+    if "sigma" in kernel_params:
+        kernel_args.setdefault("sigma", sigma)
+    return cls(make_schedule(schedule, shrink, **sched_args), **kernel_args)

@@ -57,21 +57,32 @@ class Run:
 
 def describe_config(config: dict) -> str:
     """Short method label of a run config: "EMA-VQ", "KSOM-hard", "KSOM-exponential 1-D", "VQ (gradient)",
-    "GD-SOM-hard", with " VQ-VAE-2" appended for two-level models."""
+    "GD-SOM-hard", "FSQ" (vector-quantize-pytorch classes by name), with the collapse fixes in use
+    (" + k-means", " + restarts", " + uniform init") and " VQ-VAE-2" for two-level models."""
     model = config.get("model", {})
     q = model.get("quantizer", {})
     qtype = q.get("type", "ksom")
     nb = q.get("neighborhood", "hard")
+    if isinstance(nb, dict):  # a table {kind = "hard", radius = 2.5}
+        nb = nb.get("kind", "hard")
     if qtype == "ema" or (qtype == "ksom" and nb == "none"):
         label = "EMA-VQ"
     elif qtype == "ksom":
         label = f"KSOM-{nb}"
     elif qtype == "gdsom":
         label = f"GD-SOM-{nb}"
+    elif qtype == "vqp":
+        label = str(q.get("cls", "VectorQuantize"))
     else:
         label = "VQ (gradient)"
-    if q.get("grid_dims", 2) == 1 and label != "EMA-VQ" and not q.get("grid_shape"):
+    if q.get("grid_dims", 2) == 1 and qtype in ("ksom", "gdsom") and label != "EMA-VQ" and not q.get("grid_shape"):
         label += " 1-D"
+    if q.get("codebook_init", "normal") != "normal":
+        label += f" + {q['codebook_init']} init"
+    if q.get("kmeans_init"):
+        label += " + k-means"
+    if q.get("threshold_ema_dead_code"):
+        label += " + restarts"
     if model.get("arch") == "vqvae2":
         label += " VQ-VAE-2"
     return label

@@ -263,10 +263,10 @@ def _run_state(run_dir: Path, config: dict) -> str:
     """"done" (summary.json of this exact config, trained to its max_steps), "partial" (a checkpoint to
     resume, also a finished run whose max_steps was raised), or "new"."""
     from .models.factory import ConfigError
-    from .training.config import RESUMABLE_CHANGES, changed_keys, resolve_config
+    from .training.config import RESUMABLE_CHANGES, changed_keys, resolve_config, resolve_saved_config
 
     if (run_dir / "summary.json").is_file() and (run_dir / "config.json").is_file():
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = resolve_saved_config(json.loads((run_dir / "config.json").read_text()))
         resolved = resolve_config(config)
         if [k for k in changed_keys(saved, resolved) if k not in RESUMABLE_CHANGES]:
             raise ConfigError(f"{run_dir} holds a finished run of a different configuration; use another --out "

@@ -161,3 +161,21 @@ def test_config_validation_and_round_trip():
     model = build_model(cfg)
     assert model.config == cfg and resolve_model_config(cfg) == cfg  # idempotent
     assert model.quantizers[0].grid.shape == (8, 4)
+
+
+def test_neighbourhood_options_reach_the_kernel_through_one_table():
+    """Issue 16 item 4: a kernel parameter (the hard kernel's radius, a schedule's floor) is set from a config
+    by one table that every neighbourhood quantiser passes to make_neighborhood; nothing else names it."""
+    from kohonen_vae.training import apply_overrides, load_config_file, resolve_config
+
+    base = load_config_file("tiny")
+    cfg = resolve_config(apply_overrides(base, ['quantizer.neighborhood={"kind": "hard", "radius": 2.5}']))
+    q = build_model(cfg["model"]).quantizers[0]
+    assert q.neighborhood.name == "hard" and q.neighborhood.support == 2.5
+    cfg = resolve_config(apply_overrides(base, [
+        'quantizer.type=gdsom', 'quantizer.neighborhood={"kind": "gaussian", "sigma": 3.0, "schedule": "exponential", '
+        '"time_constant": 50, "floor": 0.2}']))
+    nb = build_model(cfg["model"]).quantizers[0].neighborhood
+    assert nb.name == "gaussian" and nb.sigma == 3.0 and nb.schedule(1e9) == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="'radius' is not an option of the 'exponential' neighborhood"):
+        resolve_config(apply_overrides(base, ['quantizer.neighborhood={"kind": "exponential", "radius": 2}']))

@@ -152,7 +152,15 @@ def test_checkpoints_of_format_1_still_load_and_resume(reference, tmp_path):
         old = {k: v for k, v in old.items() if k != "checksum"}
         old["format"] = "kohonen-vae-checkpoint/1"
         old["trainer"] = {k: v for k, v in old["trainer"].items() if k != "train_seconds"}
+        # the config of an earlier version lacks the options added since (they take their defaults)
+        q = old["config"]["model"]["quantizer"]
+        for key in ("codebook_init", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "reset_cluster_size"):
+            q.pop(key)
         checkpoint_mod.atomic_write(path, lambda f: torch.save(old, f))
+    config = json.loads((out / "config.json").read_text())
+    for key in ("codebook_init", "kmeans_init", "kmeans_iters", "threshold_ema_dead_code", "reset_cluster_size"):
+        config["model"]["quantizer"].pop(key)
+    (out / "config.json").write_text(json.dumps(config))
     train(tiny(), out, resume=True)
     assert deterministic(read_metrics(out / "metrics.jsonl")) == deterministic(read_metrics(reference / "metrics.jsonl"))
 

@@ -209,7 +209,7 @@ def load_config_file(name_or_path) -> dict:
 
 
 def parse_value(text: str):
-    """``--set`` value parsing: ints, floats, true/false, null, JSON lists; anything else is a string
+    """``--set`` value parsing: ints, floats, true/false, null, JSON lists and objects; anything else is a string
     (``none`` stays the string "none", a valid neighbourhood name)."""
     low = text.strip().lower()
     if low in ("true", "false"):
@@ -221,11 +221,12 @@ def parse_value(text: str):
             return cast(text)
         except ValueError:
             pass
-    if text.strip().startswith("["):
+    if text.strip().startswith(("[", "{")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"cannot parse list value {text!r}: {e}") from e
+            kind = "list" if text.strip().startswith("[") else "table"
+            raise ConfigError(f"cannot parse {kind} value {text!r} (JSON expected): {e}") from e
     return text
 
 
@@ -266,6 +267,17 @@ def apply_overrides(config: dict, assignments) -> dict:
         else:
             node[parts[-1]] = parse_value(value)
     return cfg
+
+
+def resolve_saved_config(saved: dict) -> dict:
+    """A config saved by a run (possibly of an earlier version), resolved with today's defaults: options added
+    since then take their defaults, so that they do not count as changes when the run is resumed. A config
+    that no longer resolves (an option that was removed) is returned as it is (its keys then show up as
+    changes, and the resume is refused with their names)."""
+    try:
+        return resolve_config(saved)
+    except ConfigError:
+        return saved
 
 
 def changed_keys(old: dict, new: dict) -> list[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError, ResumeError
 from ..fileio import atomic_write_json, remove_stale_temp_files
 from .checkpoint import load_checkpoint, previous_path, read_metrics
-from .config import RESUMABLE_CHANGES, changed_keys
+from .config import RESUMABLE_CHANGES, changed_keys, resolve_saved_config
 
 try:  # POSIX; elsewhere the run directory is not locked
     import fcntl
@@ -189,7 +189,7 @@ class RunDirectory:
             raise ResumeError(f"cannot resume {out}: {source.relative_to(out)} is missing but the run has other "
                               f"results ({', '.join(results)}); starting over would replace them{hint}")
         ckpt = load_checkpoint(source)
-        changed = [k for k in changed_keys(ckpt["config"], cfg) if k not in RESUMABLE_CHANGES]
+        changed = [k for k in changed_keys(resolve_saved_config(ckpt["config"]), cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise ResumeError(f"cannot resume {out}: the config differs from the saved one in {', '.join(changed)}. "
                               f"Only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")

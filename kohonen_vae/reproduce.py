@@ -240,8 +240,9 @@ def build_config(experiment: Experiment, variant: Variant, scale: str, seed: int
     return cfg
 
 
-def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
-    """``[(variant, seed, config)]`` of an experiment: the grid of configurations x seeds."""
+def plan(experiment: str, scale: str = "cpu", seeds: int | None = None, only=None) -> list:
+    """``[(variant, seed, config)]`` of an experiment: the grid of configurations x seeds. ``only``: a list of
+    variant labels (exact, case-insensitive) to restrict the grid to."""
     from .models.factory import ConfigError
 
     if experiment not in EXPERIMENTS:
@@ -255,6 +256,13 @@ def plan(experiment: str, scale: str = "cpu", seeds: int | None = None) -> list:
     variants = exp.variants
     if scale == "long" and exp.long_variants is not None:
         variants = [v for v in variants if v.label in exp.long_variants]
+    if only:
+        wanted = {o.strip().lower() for o in only}
+        unknown = wanted - {v.label.lower() for v in variants}
+        if unknown:
+            raise ConfigError(f"--only {sorted(unknown)[0]!r} is not a configuration of {experiment} at this scale; "
+                              f"choose from: {', '.join(v.label for v in variants)}")
+        variants = [v for v in variants if v.label.lower() in wanted]
     return [(v, s, build_config(exp, v, scale, s)) for v in variants for s in range(n)]
 
 
@@ -293,12 +301,13 @@ def experiment_dir(out_dir, experiment: str, scale: str) -> Path:
 
 
 def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | None = None, data_dir=None,
-                   device: str | None = None, log=print, train_runs: bool = True) -> list:
+                   device: str | None = None, log=print, train_runs: bool = True, only=None) -> list:
     """Train every run of the experiment that is not finished yet; returns ``[(variant, seed, run_dir)]``.
     ``train_runs=False`` trains nothing and only lists the runs (to aggregate a partly finished grid)."""
     from .training import train
 
     runs = plan(experiment, scale, seeds)
+    selected = {v.label for v, _, _ in plan(experiment, scale, seeds, only)} if only else None
     root = experiment_dir(out_dir, experiment, scale)
     splits_cache: dict = {}
     done = []
@@ -312,8 +321,9 @@ def run_experiment(experiment: str, out_dir, scale: str = "cpu", seeds: int | No
         tag = f"[{i}/{len(runs)}] {experiment}: {variant.label}, seed {seed}"
         if state == "done":
             log(f"{tag}: finished earlier, skipped")
-        elif not train_runs:
-            log(f"{tag}: {'unfinished' if state == 'partial' else 'not started'}, not trained (--no-train)")
+        elif not train_runs or (selected is not None and variant.label not in selected):
+            log(f"{tag}: {'unfinished' if state == 'partial' else 'not started'}, not trained "
+                f"({'--no-train' if not train_runs else 'not in --only'})")
         else:
             log(f"{tag}: {'resuming' if state == 'partial' else 'training'} -> {run_dir}")
             t0 = time.perf_counter()
@@ -607,10 +617,11 @@ def write_outputs(experiment: str, runs, out_dir, command: str, scale: str) -> d
 
 
 def reproduce(experiment: str, out_dir="runs/reproduce", scale: str = "cpu", seeds: int | None = None,
-              data_dir=None, device=None, command: str | None = None, log=print, train_runs: bool = True) -> dict:
+              data_dir=None, device=None, command: str | None = None, log=print, train_runs: bool = True,
+              only=None) -> dict:
     """Run (or resume) an experiment and write its table, figures and report; returns the outputs.
     ``train_runs=False`` only aggregates what is there (unfinished runs are marked, not counted)."""
-    runs = run_experiment(experiment, out_dir, scale, seeds, data_dir, device, log, train_runs=train_runs)
+    runs = run_experiment(experiment, out_dir, scale, seeds, data_dir, device, log, train_runs=train_runs, only=only)
     command = command or f"kohonen-vae reproduce {experiment} --scale {scale}" + (f" --seeds {seeds}" if seeds else "")
     return write_outputs(experiment, runs, out_dir, command, scale)
 
@@ -626,6 +637,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/reproduce", help="output folder (default: runs/reproduce)")
     parser.add_argument("--data-dir", default=None, help="where the datasets are (default: search path)")
     parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the config's, auto)")
+    parser.add_argument("--only", action="append", default=None, metavar="LABEL",
+                        help="train only this configuration (its label as in the table; repeatable); the table "
+                             "still lists every configuration, marking those without finished runs")
     parser.add_argument("--no-train", action="store_true",
                         help="train nothing: aggregate the runs that are there (unfinished ones are marked)")
 
@@ -635,7 +649,7 @@ def run(args) -> int:
     argv = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kohonen-vae") else None
     command = f"kohonen-vae {argv}" if argv else None
     out = reproduce(args.experiment, args.out, args.scale, args.seeds, args.data_dir, args.device, command,
-                    train_runs=not args.no_train)
+                    train_runs=not args.no_train, only=args.only)
     print()
     print(out["table"])
     print(f"table:  {out['results']}")

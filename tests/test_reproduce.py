@@ -156,3 +156,27 @@ def test_tiny_field_trains_every_baseline_and_tables_organisation_and_step_times
     assert "index-perturbation MSE ratio" in table and "ms / step" in table and "| SimVQ | 1 |" in table
     times = json.loads((tmp_path / "field-tiny" / "step_times.json").read_text())
     assert set(times["times"]) == set(rows)
+
+
+def test_only_trains_the_named_configurations_and_the_table_marks_the_rest(tmp_path):
+    logs = []
+    out = reproduce("main", tmp_path, scale="tiny", seeds=1, log=logs.append, only=["ksom hard"])
+    assert sum("training ->" in line for line in logs) == 1 and sum("not in --only" in line for line in logs) == 2
+    rows = {r["label"]: r for r in out["rows"]}
+    assert rows["KSOM hard"]["n"] == 1 and rows["EMA-VQ"]["n"] == 0 and rows["EMA-VQ"]["planned"] == 1
+    assert "| EMA-VQ | 0 of 1* |" in out["table"]
+    with pytest.raises(ValueError, match="not a configuration of main"):
+        plan("main", "tiny", 1, only=["KSOM hardd"])
+
+
+def test_a_finished_run_whose_max_steps_was_raised_is_resumed_not_skipped(tmp_path):
+    from kohonen_vae.reproduce import _run_state
+    from kohonen_vae.training import train
+
+    (variant, _, cfg), = plan("main", "tiny", 1, only=["EMA-VQ"])
+    run_dir = tmp_path / "run"
+    train(cfg, run_dir)
+    assert _run_state(run_dir, cfg) == "done"
+    longer = json.loads(json.dumps(cfg))
+    longer["train"]["max_steps"] += 3
+    assert _run_state(run_dir, longer) == "partial"

@@ -366,3 +366,92 @@ def reconstructions_figure(model, images: torch.Tensor, normalizer, columns: int
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+# --------------------------------------------------------------------------------- channel errors
+_CHANNEL_STYLES = {"binary": "-", "gray-grid": "--", "path": ":", "random": "-", "neighbor-grid": "--",
+                   "neighbor-path": ":"}
+
+
+def channel_curves_figure(panels, path=None, title: str | None = None):
+    """Reconstruction MSE against an error rate (log x), one column per panel ``(title, xlabel, curves)``; top row
+    the MSE, bottom row MSE / clean MSE (log y, a dotted line at 2: "MSE doubles"). ``curves`` are dicts
+    ``{"method", "variant", "style", "rates", "mse", "clean_mse"}``: one colour per method (the same in every
+    panel), one line style per ``style`` (assignment or substitution kind: solid, dashed, dotted)."""
+    from matplotlib.ticker import FuncFormatter
+
+    panels = list(panels)
+    if not panels:
+        raise ValueError("channel_curves_figure needs at least one (title, xlabel, curves) panel")
+    methods = list(OrderedDict.fromkeys(c["method"] for _, _, curves in panels for c in curves))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(methods) > len(colors):
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]
+    color = {m: colors[i % len(colors)] for i, m in enumerate(methods)}
+    variants = list(OrderedDict.fromkeys((c["variant"], c.get("style", c["variant"]))
+                                         for _, _, curves in panels for c in curves))
+    spare = ["-", "--", ":", "-."]
+    style = {}
+    for v, s in variants:
+        style[v] = _CHANNEL_STYLES.get(s, spare[len(style) % len(spare)])
+    legend_cols = 4
+    legend_rows = -(-(len(methods) + len(variants)) // legend_cols)
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels) + 0.4, 6.4 + 0.17 * legend_rows),
+                             squeeze=False)
+    for col, (ptitle, xlabel, curves) in enumerate(panels):
+        top, bottom = axes[0, col], axes[1, col]
+        for c in curves:
+            x = np.asarray(c["rates"], dtype=float)
+            y = np.asarray(c["mse"], dtype=float)
+            kw = dict(color=color[c["method"]], ls=style[c["variant"]], marker=".", ms=4, lw=1.3)
+            top.plot(x, y, **kw)
+            bottom.plot(x, y / float(c["clean_mse"]), **kw)
+        bottom.axhline(2.0, color="0.3", ls=(0, (1, 3)), lw=1)
+        top.set_title(ptitle, fontsize=9)
+        for ax, ylabel in ((top, "reconstruction MSE"), (bottom, "MSE / clean MSE")):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.tick_params(labelsize=7, which="both")
+            ax.grid(alpha=0.3, which="both")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, not 2 x 10^-1
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+    handles = [Line2D([], [], color=color[m], lw=2, label=m) for m in methods]
+    handles += [Line2D([], [], color="0.35", ls=style[v], label=v) for v, _ in variants]
+    legend_height = (0.17 * legend_rows + 0.05) / fig.get_figheight()
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
+    return _finish(fig, path)
+
+
+def channel_images_figure(rows, inputs: torch.Tensor, rate_titles: Sequence[str], path=None):
+    """Decodings under errors, like :func:`index_offset_figure`: one row per ``(label, decodings, normalizer)``
+    with ``decodings`` a list [clean, then one per error rate], each (n, C, H, W) in normalised space; columns:
+    the uint8 inputs (n, C, H, W), the clean reconstruction, then each rate (titled by ``rate_titles``). Each
+    cell tiles the n images side by side."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError("channel_images_figure needs at least one row")
+    titles = ["input", "clean"] + list(rate_titles)
+    if any(len(dec) != len(titles) - 1 for _, dec, _ in rows):
+        raise ValueError(f"every row needs {len(titles) - 1} decodings (clean + one per rate)")
+    n = inputs.shape[0]
+    h, w = inputs.shape[-2:]
+    cell_w = max(1.0, min(2.8, n * w / 48))
+    cell_h = cell_w * h / (n * w) + 0.05
+    fig, axes = plt.subplots(len(rows), len(titles), figsize=(len(titles) * cell_w + 1.4, len(rows) * (cell_h + 0.05) + 0.4),
+                             squeeze=False)
+    inp = tile(to_pixels(inputs), n, pad=1)
+    for r, (label, decodings, normalizer) in enumerate(rows):
+        _show(axes[r, 0], inp)
+        axes[r, 0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
+        for c, dec in enumerate(decodings):
+            _show(axes[r, c + 1], tile(to_pixels(dec[:n], normalizer), n, pad=1))
+    for c, t in enumerate(titles):
+        axes[0, c].set_title(t, fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)

@@ -402,12 +402,13 @@ def _generator(seed: int, stream: str, rate_index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + _STREAMS[stream] * 1_009 + int(rate_index))
 
 
-def _test_images(config: dict, n, seed: int, cache: dict) -> torch.Tensor:
+def _test_images(config: dict, n, seed: int, cache: dict, data_dir=None) -> torch.Tensor:
     from .data import evaluation_subset, splits_from_config, splits_key
 
-    key = splits_key(config["data"])
+    data = dict(config["data"], **({"data_dir": str(data_dir)} if data_dir is not None else {}))
+    key = splits_key(data)
     if key not in cache:
-        cache[key] = splits_from_config(config["data"], download=False)
+        cache[key] = splits_from_config(data, download=False)
     splits = cache[key]
     if splits.test is None:
         raise ValueError(f"dataset {config['data'].get('name')!r} has no test split; pass images= explicitly")
@@ -435,12 +436,13 @@ def channel_experiment(run_dirs: Mapping[str, object], out_dir, *, images=1000, 
                        bit_rates: Sequence[float] = DEFAULT_BIT_RATES, sub_rates: Sequence[float] = DEFAULT_SUB_RATES,
                        image_rates: Sequence[float] = DEFAULT_IMAGE_RATES, show_images: int = 4,
                        checkpoint: str = "last", batch_size: int = 250, device=None, progress: bool = True,
-                       command: str | None = None, log=print) -> dict:
+                       data_dir=None, command: str | None = None, log=print) -> dict:
     """Reconstruction under channel errors and token substitutions for trained runs ``{label: run_dir}``.
 
     For each run: load ``checkpoint`` (:func:`kohonen_vae.report.load_run`), encode the image set once
     (``images``: a count of test-split images, the fixed subset :func:`kohonen_vae.data.evaluation_subset`
-    with ``seed``; or a uint8 tensor (N, C, H, W)), decode the clean tokens, then for every level's
+    with ``seed``, read from ``data_dir`` if given, else from where the run was trained; or a uint8 tensor
+    (N, C, H, W)), decode the clean tokens, then for every level's
     assignment (:func:`assignments_for`) and bit error rate p decode :func:`flip_bits` of the tokens, and for
     every q decode :func:`substitute_random`, :func:`substitute_neighbor` on the grid and along the path;
     each decoding is scored by :func:`reconstruction_errors`. Every level of a multi-level model is corrupted
@@ -483,7 +485,7 @@ def channel_experiment(run_dirs: Mapping[str, object], out_dir, *, images=1000, 
             if isinstance(images, torch.Tensor):
                 imgs = images
             else:
-                imgs = _test_images(run.config, images, seed, splits_cache)
+                imgs = _test_images(run.config, images, seed, splits_cache, data_dir)
             if imgs.dtype != torch.uint8 or imgs.dim() != 4:
                 raise ValueError(f"images must be uint8 (N, C, H, W), got {imgs.dtype} {tuple(imgs.shape)}")
             if shown_inputs is None:

@@ -711,8 +711,10 @@ def channel_from_field(out_dir="runs/reproduce", scale: str = "cpu", seed: int =
 
     runs = field_run_dirs(out_dir, scale, seed)
     if not runs:
-        raise FileNotFoundError(f"no finished field runs of seed {seed} under {experiment_dir(out_dir, 'field', scale)}; "
-                                f"train them first: kohonen-vae reproduce field --scale {scale}")
+        from .errors import ConfigError
+
+        raise ConfigError(f"no finished field runs of seed {seed} under {experiment_dir(out_dir, 'field', scale)}; "
+                          f"train them first: kohonen-vae reproduce field --scale {scale}")
     log(f"channel: {len(runs)} field runs (seed {seed}): {', '.join(runs)}")
     command = command or f"kohonen-vae reproduce channel --scale {scale}"
     return channel_experiment(runs, experiment_dir(out_dir, "channel", scale), command=command, log=log, **options)

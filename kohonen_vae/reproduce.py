@@ -628,7 +628,9 @@ def reproduce(experiment: str, out_dir="runs/reproduce", scale: str = "cpu", see
 
 # ------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("experiment", choices=list(EXPERIMENTS), help="which of the paper's experiments")
+    parser.add_argument("experiment", choices=list(EXPERIMENTS) + ["channel"],
+                        help="which experiment; channel: token errors (bit flips, substitutions) on the finished "
+                             "field runs, seed 0 of each configuration (kohonen_vae.channel)")
     parser.add_argument("--scale", choices=SCALES, default="cpu",
                         help="cpu: reduced protocol, about an hour or less per experiment on 2 cores (default); "
                              "long: the cpu protocol at 20,000 steps with full validation (main); "
@@ -648,6 +650,15 @@ def run(args) -> int:
     """``kohonen-vae reproduce``: train, aggregate, print the table and where the outputs are."""
     argv = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("kohonen-vae") else None
     command = f"kohonen-vae {argv}" if argv else None
+    if args.experiment == "channel":
+        from .channel import channel_from_field
+
+        out = channel_from_field(args.out, args.scale, seed=0, command=command, device=args.device,
+                                 data_dir=args.data_dir)
+        print()
+        print(out["table"])
+        print(f"table:  {out['results']}")
+        return 0
     out = reproduce(args.experiment, args.out, args.scale, args.seeds, args.data_dir, args.device, command,
                     train_runs=not args.no_train, only=args.only)
     print()

@@ -180,3 +180,11 @@ def test_a_finished_run_whose_max_steps_was_raised_is_resumed_not_skipped(tmp_pa
     longer = json.loads(json.dumps(cfg))
     longer["train"]["max_steps"] += 3
     assert _run_state(run_dir, longer) == "partial"
+
+
+def test_reproduce_channel_without_field_runs_is_one_clear_error(tmp_path, capsys):
+    from kohonen_vae.cli import main
+
+    assert main(["reproduce", "channel", "--scale", "tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no finished field runs" in err and "kohonen-vae reproduce field --scale tiny" in err

@@ -20,7 +20,8 @@ Tokens: level ``l`` of an ``H x W`` image is an ``(H / s_l, W / s_l)`` map of co
 ``decode_indices(encode(x))`` equals ``model(x).reconstruction`` bit for bit (the quantised output of a
 forward without gradient is exactly the looked-up code, see ``quantizers.base.straight_through``) when
 both see the same batch; split into other batches the results agree to float rounding only, because
-the CPU convolution kernels depend on the batch size.
+the CPU convolution kernels depend on the batch size. (vector-quantize-pytorch's SimVQ recomputes its
+codes from indices by another matrix product than its forward: there the two agree to ~1e-8.)
 """
 from __future__ import annotations
 

@@ -401,7 +401,7 @@ def aggregate(experiment: str, runs) -> list:
             **row, "loss": loss,
             "c10": _mean_std([s["converge_10_step"] for s in summaries]),
             "c20": _mean_std([s["converge_20_step"] for s in summaries]),
-            "reach": _mean_std(reach), "reached": sum(r is not None for r in reach),
+            "reach": _mean_std(reach), "reached": None if threshold is None else sum(r is not None for r in reach),
             "perplexity": [_mean_std([s["final_perplexity"][lv] for s in summaries])[0] for lv in range(levels)],
             "used_codes": [_mean_std([s["final_used_codes"][lv] for s in summaries])[0] for lv in range(levels)],
         })
@@ -437,7 +437,10 @@ def markdown_table(experiment: str, rows) -> str:
         if r.get("planned", r["n"]) > r["n"]:
             runs = f"{r['n']} of {r['planned']}*"
             unfinished = True
-        reach = _pm(r["reach"], ".0f") if r.get("reached") else ("–" if r["n"] == 0 else "not reached")
+        if r.get("reached") is None or r["n"] == 0:  # no EMA-VQ reference finished, or no run of this row
+            reach = "–"
+        else:
+            reach = _pm(r["reach"], ".0f") if r["reached"] else "not reached"
         if r.get("reached") and r["reached"] < r["n"]:
             reach += f" ({r['reached']} of {r['n']} runs)"
         body += (f"| {r['label']} | {runs} | {_pm(r['loss'], '.2f')} | {reach} | {_pm(r['c10'], '.0f')} | "

@@ -188,3 +188,12 @@ def test_reproduce_channel_without_field_runs_is_one_clear_error(tmp_path, capsy
     assert main(["reproduce", "channel", "--scale", "tiny", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no finished field runs" in err and "kohonen-vae reproduce field --scale tiny" in err
+
+
+def test_steps_to_reference_is_a_dash_when_no_ema_vq_run_finished(tmp_path):
+    from kohonen_vae.reproduce import Variant
+
+    runs = [(Variant("KSOM hard", {"type": "ksom"}), 0, _fake_run(tmp_path / "h", 0.008, [(500, 0.009)]))]
+    rows = aggregate("main", runs)
+    assert rows[0]["reached"] is None
+    assert "| KSOM hard | 1 | 8.00 ± 0.00 | – |" in markdown_table("main", rows)

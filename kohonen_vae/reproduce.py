@@ -158,7 +158,7 @@ EXPERIMENTS = {
         "k-means; KSOM Gaussian; vector-quantize-pytorch's VectorQuantize (its defaults, and straight-through), "
         "FSQ (8, 8, 8) and SimVQ, all with K = 512.", "cifar10-ksom-hard", FIELD_VARIANTS,
         seeds={"paper": 3, "cpu": 3, "long": 1, "tiny": 1}, cpu_steps=1000, long_steps=20000,
-        long_variants=("EMA-VQ", "KSOM hard", "KSOM Gaussian"), organisation=True),
+        long_variants=("EMA-VQ", "KSOM hard", "KSOM Gaussian", "EMA-VQ + restarts"), organisation=True),
 }
 
 # ------------------------------------------------------------------------------------------------ scales

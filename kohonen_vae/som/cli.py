@@ -21,7 +21,7 @@ import numpy as np
 
 from ..fileio import atomic_write_json, atomic_write_text
 from ..errors import ConfigError
-from .estimator import DECAYS, INITS, NEIGHBORHOODS, WINNER_SEARCHES, KohonenMap, as_data_matrix
+from .estimator import DECAYS, INITS, NEIGHBORHOODS, UPDATES_PER_EPOCH, WINNER_SEARCHES, KohonenMap, as_data_matrix
 from .storage import GENERATOR, MAP_ARRAYS, MAP_JSON, is_ours
 
 HELP = "fit a stand-alone self-organising map (Kohonen's batch map) to a .npy/.csv table; writes map, metrics, HTML"
@@ -94,11 +94,15 @@ def add_som_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", required=True, help="map shape, e.g. 20x20")
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--epochs", type=int, default=20, help="passes over the data (default 20)")
+    p.add_argument("--updates-per-epoch", type=int, default=UPDATES_PER_EPOCH,
+                   help=f"map updates per pass over the data (default {UPDATES_PER_EPOCH}; 1 = the classical "
+                        "batch map)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per update (default: all rows, one update per epoch: the classical batch map)")
+                   help="rows per update (overrides --updates-per-epoch; default: rows / updates per epoch)")
     p.add_argument("--sigma", type=float, default=None, help="initial kernel width (default: half the larger side)")
-    p.add_argument("--sigma-final", type=float, default=1.0, help="the width's floor at the end (default 1)")
-    p.add_argument("--decay", choices=DECAYS, default="geometric", help="width schedule (default geometric)")
+    p.add_argument("--sigma-final", type=float, default=1.0, help="the floor the width shrinks towards (default 1)")
+    p.add_argument("--decay", choices=DECAYS, default=DECAYS[0],
+                   help=f"how the width shrinks, once per epoch (default {DECAYS[0]}: MiniSom's inverse_decay_to_one)")
     p.add_argument("--neighborhood", choices=NEIGHBORHOODS, default="gaussian", help="kernel (default gaussian)")
     p.add_argument("--topology", choices=("rectangular", "hexagonal"), default="rectangular")
     p.add_argument("--periodic", action="store_true", help="toroidal map")
@@ -137,7 +141,8 @@ def run_fit(args) -> int:
         extra_arrays = {"feature_mean": mean.astype(np.float32), "feature_scale": scale}
     som = KohonenMap(grid, neighborhood=args.neighborhood, sigma=args.sigma, sigma_final=args.sigma_final,
                      decay=args.decay, topology=args.topology, periodic=args.periodic, init=args.init,
-                     epochs=args.epochs, batch_size=args.batch_size, winner_search=args.winner_search,
+                     epochs=args.epochs, batch_size=args.batch_size,
+                     updates_per_epoch=args.updates_per_epoch, winner_search=args.winner_search,
                      device=args.device, seed=args.seed, progress=False if args.no_progress else None)
     t0 = time.perf_counter()
     som.fit(data)
@@ -168,8 +173,8 @@ def fit_command(args) -> str:
     """The ``kohonen-vae som fit`` command line that reproduces ``args`` (options at their defaults left out)."""
     parts = ["kohonen-vae", "som", "fit", str(args.data), "--grid", str(args.grid), "--out", str(args.out),
              "--epochs", str(args.epochs)]
-    defaults = {"batch_size": None, "sigma": None, "sigma_final": 1.0, "decay": "geometric",
-                "neighborhood": "gaussian", "topology": "rectangular", "init": "pca", "winner_search": "exact",
+    defaults = {"batch_size": None, "updates_per_epoch": UPDATES_PER_EPOCH, "sigma": None, "sigma_final": 1.0,
+                "decay": DECAYS[0], "neighborhood": "gaussian", "topology": "rectangular", "init": "pca", "winner_search": "exact",
                 "seed": 0, "device": None}
     for name, default in defaults.items():
         value = getattr(args, name)

@@ -53,7 +53,7 @@ def save_map(som, folder, extra_arrays: dict | None = None, extra: dict | None =
     meta = {
         "generator": GENERATOR, "format": FORMAT, "params": params,
         "fitted": {"grid": som.grid_.to_dict(), "n_features_in": som.n_features_in_, "n_updates": som.n_updates_,
-                   "total_updates": som.total_updates_, "sigma_next": som.sigma_, "history": som.history_},
+                   "total_updates": som.total_updates_, "updates_per_epoch": som.updates_per_epoch_, "sigma_next": som.sigma_, "history": som.history_},
         "extra": extra or {},
     }
     paths = {"arrays": folder / MAP_ARRAYS, "json": folder / MAP_JSON}
@@ -103,7 +103,8 @@ def load_map(folder, device=None):
     fitted = meta["fitted"]
     codebook = torch.from_numpy(np.asarray(arrays["codebook"], dtype=np.float32))
     where = device if device is not None else (params.get("device") or torch.get_default_device())
-    som._build(fitted["total_updates"], fitted["n_features_in"], torch.device(where))
+    per_epoch = int(fitted.get("updates_per_epoch", 1))  # maps saved before it was stored: one per epoch
+    som._build(int(fitted["total_updates"]) // per_epoch, per_epoch, fitted["n_features_in"], torch.device(where))
     if som.grid_.to_dict() != fitted["grid"] or tuple(codebook.shape) != (som.grid_.size, fitted["n_features_in"]):
         raise ConfigError(f"{folder}: the saved codebook {tuple(codebook.shape)} does not match the saved grid "
                           f"{fitted['grid']}; the files are inconsistent, write the map again")

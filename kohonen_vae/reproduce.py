@@ -380,8 +380,9 @@ def steps_to_reach(evals, threshold):
 def aggregate(experiment: str, runs) -> list:
     """One row per variant over its *finished* runs (:func:`run_finished`): ``{"label", "n", "planned",
     "loss": (mean, std), "c10", "c20", "reach": (mean, std), "reached": k, "perplexity": [mean per level],
-    "used_codes": [mean per level]}``; the loss is the best validation reconstruction MSE x the experiment's
-    loss scale, ``reach`` the steps to reach the EMA-VQ reference's mean best (:func:`reference_threshold`)
+    "used_codes": [mean per level], "best_step", "test": (mean, std)}``; the loss is the best validation
+    reconstruction MSE x the experiment's loss scale, ``test`` the final model's test-split MSE (same scale;
+    None unless every finished run has one), ``reach`` the steps to reach the EMA-VQ reference's mean best (:func:`reference_threshold`)
     over the ``reached`` runs that got there. Variants with no finished run get a row with ``n = 0``."""
     exp = EXPERIMENTS[experiment]
     threshold = reference_threshold(experiment, runs)
@@ -406,6 +407,10 @@ def aggregate(experiment: str, runs) -> list:
             "reach": _mean_std(reach), "reached": None if threshold is None else sum(r is not None for r in reach),
             "perplexity": [_mean_std([s["final_perplexity"][lv] for s in summaries])[0] for lv in range(levels)],
             "used_codes": [_mean_std([s["final_used_codes"][lv] for s in summaries])[0] for lv in range(levels)],
+            "best_step": _mean_std([s.get("best_step") for s in summaries]),
+            # the final model on the test split (whole at the long scale), where every run evaluated it
+            "test": (_mean_std([s["test"]["recon"] * exp.loss_scale for s in summaries])
+                     if all((s.get("test") or {}).get("recon") is not None for s in summaries) else (None, None)),
         })
     return rows
 
@@ -425,11 +430,14 @@ def markdown_table(experiment: str, rows) -> str:
     exponent = int(round(math.log10(exp.loss_scale)))
     rows = list(rows)
     extra = any("organisation" in r for r in rows)
-    head = (f"| configuration | runs | best val MSE ×10^{exponent} | steps to EMA-VQ's best | +10% step | +20% step "
-            "| final perplexity | used codes |")
+    tested = any((r.get("test") or (None,))[0] is not None for r in rows)  # runs that evaluated the test split
+    head = f"| configuration | runs | best val MSE ×10^{exponent} |"
+    if tested:
+        head += f" test MSE ×10^{exponent} | step of best |"
+    head += " steps to EMA-VQ's best | +10% step | +20% step | final perplexity | used codes |"
     if extra:
         head += " topographic error | map smoothness | index-perturbation MSE ratio | ms / step |"
-    head += "\n|" + "---|" * (8 + 4 * extra) + "\n"
+    head += "\n|" + "---|" * (8 + 2 * tested + 4 * extra) + "\n"
     body = ""
     unfinished = False
     for r in rows:
@@ -445,8 +453,10 @@ def markdown_table(experiment: str, rows) -> str:
             reach = _pm(r["reach"], ".0f") if r["reached"] else "not reached"
         if r.get("reached") and r["reached"] < r["n"]:
             reach += f" ({r['reached']} of {r['n']} runs)"
-        body += (f"| {r['label']} | {runs} | {_pm(r['loss'], '.2f')} | {reach} | {_pm(r['c10'], '.0f')} | "
-                 f"{_pm(r['c20'], '.0f')} | {ppl or '–'} | {used or '–'} |")
+        body += f"| {r['label']} | {runs} | {_pm(r['loss'], '.2f')} |"
+        if tested:
+            body += f" {_pm(r.get('test', (None, None)), '.2f')} | {_pm(r.get('best_step', (None, None)), '.0f')} |"
+        body += (f" {reach} | {_pm(r['c10'], '.0f')} | {_pm(r['c20'], '.0f')} | {ppl or '–'} | {used or '–'} |")
         if extra:
             org = r.get("organisation", {})
             fmt = {"topographic_error": ".3f", "map_smoothness": ".3f", "perturbation_mse_ratio": ".2f"}

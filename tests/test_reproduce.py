@@ -86,15 +86,18 @@ def test_tiny_reproduction_end_to_end_then_skips_finished_runs(tmp_path):
     assert again["table"] == out["table"]
 
 
-def _fake_run(d, best, evals, steps=1000, max_steps=1000, summary=True):
+def _fake_run(d, best, evals, steps=1000, max_steps=1000, summary=True, test=None):
     import json
 
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"train": {"max_steps": max_steps}}))
     if summary:
-        (d / "summary.json").write_text(json.dumps({
-            "steps": steps, "best_val_recon": best, "converge_10_step": evals[-1][0], "converge_20_step": evals[0][0],
-            "final_perplexity": [100.0], "final_used_codes": [200], "evals": evals}))
+        s = {"steps": steps, "best_val_recon": best, "converge_10_step": evals[-1][0], "converge_20_step": evals[0][0],
+             "final_perplexity": [100.0], "final_used_codes": [200], "evals": evals,
+             "best_step": min(evals, key=lambda e: e[1])[0] if evals else None}
+        if test is not None:
+            s["test"] = {"recon": test, "images": 10000}
+        (d / "summary.json").write_text(json.dumps(s))
     return d
 
 
@@ -134,6 +137,31 @@ def test_partial_grid_counts_only_finished_runs_and_marks_the_rest(tmp_path):
     table = markdown_table("main", rows.values())
     assert "| EMA-VQ | 1 of 2* |" in table and "| KSOM hard | 1 of 2* |" in table
     assert "not counted" in table
+
+
+def test_long_scale_tables_give_test_mse_and_step_of_best(tmp_path):
+    """Issue 15: the long-horizon table has the final model's test MSE and the step of the best validation
+    MSE; a row is only given a test MSE when every counted run has one."""
+    from kohonen_vae.reproduce import Variant
+
+    ema, hard = Variant("EMA-VQ", {"type": "ema"}), Variant("KSOM hard", {"type": "ksom"})
+    runs = [
+        (ema, 0, _fake_run(tmp_path / "ema0", 0.050, [(500, 0.09), (1000, 0.050), (1500, 0.052)], test=0.051)),
+        (ema, 1, _fake_run(tmp_path / "ema1", 0.054, [(500, 0.08), (1000, 0.060), (1500, 0.054)], test=0.055)),
+        (hard, 0, _fake_run(tmp_path / "hard0", 0.049, [(500, 0.049), (1000, 0.050)])),  # no test split
+    ]
+    rows = {r["label"]: r for r in aggregate("main", runs)}
+    assert rows["EMA-VQ"]["test"] == (pytest.approx(53.0), pytest.approx(2 * 2 ** 0.5))  # 51, 55
+    assert rows["EMA-VQ"]["best_step"] == (1250.0, pytest.approx(353.55, abs=0.01))
+    assert rows["KSOM hard"]["test"] == (None, None) and rows["KSOM hard"]["best_step"] == (500.0, 0.0)
+    table = markdown_table("main", rows.values())
+    assert table.splitlines()[0].startswith("| configuration | runs | best val MSE ×10^3 | test MSE ×10^3 | step of best |")
+    assert "| EMA-VQ | 2 | 52.00 ± 2.83 | 53.00 ± 2.83 | 1250 ± 354 |" in table
+    assert "| KSOM hard | 1 | 49.00 ± 0.00 | – | 500 ± 0 | 500 ± 0 |" in table  # reaches EMA-VQ's best 0.052 at 500
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines()[:5])
+    # without any test split the columns are not there (the cpu-scale tables of older runs)
+    plain = markdown_table("main", aggregate("main", runs[2:]))
+    assert "test MSE" not in plain and "step of best" not in plain
 
 
 def test_tiny_field_trains_every_baseline_and_tables_organisation_and_step_times(tmp_path):

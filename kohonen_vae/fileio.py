@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that a rename or a new entry in it survives a crash (a no-op where folders cannot
+    be opened, e.g. Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. Windows: directories cannot be opened
@@ -77,7 +79,7 @@ def atomic_write(path, write_fn, mode: str = "wb") -> None:
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def replace_keeping_previous(path, write_fn, previous, mode: str = "wb") -> None:
@@ -94,7 +96,7 @@ def replace_keeping_previous(path, write_fn, previous, mode: str = "wb") -> None
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def temp_file_pattern(name: str) -> re.Pattern:

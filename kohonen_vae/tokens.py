@@ -44,6 +44,7 @@ import torch
 
 from .export import load_tokenizer
 from .errors import ConfigError
+from .fileio import fsync_dir
 
 TOKENS_FORMAT = "kohonen-vae-tokens/1"
 DECODED_FORMAT = "kohonen-vae-decoded/1"
@@ -101,19 +102,6 @@ def _process_alive(pid: int) -> bool:
     except OSError:  # exists but not ours to signal
         return True
     return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the images to encode -------------------------------------------------------------------------------------------
@@ -305,7 +293,7 @@ def encode_dataset(run_dir, data: str | None = None, split: str = "train", out="
         os.chmod(zip_tmp, 0o666 & ~_umask())
         os.replace(zip_tmp, out)
         temps.remove(zip_tmp)
-        _fsync_folder(out.parent)
+        fsync_dir(out.parent)
     finally:
         for tmp in temps:
             try:
@@ -551,11 +539,11 @@ def decode_tokens(run_dir, tokens_path, out_dir, contact_sheet: bool = True, che
         (tmp / _PARTIAL_MARKER).unlink()
         os.chmod(tmp, 0o777 & ~_umask())
         _sync_files(tmp)
-        _fsync_folder(tmp)
+        fsync_dir(tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked above); rename needs the name free on every platform
         os.replace(tmp, out)
-        _fsync_folder(out.parent)
+        fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,10 +1,10 @@
-import itertools
 import math
 
 import pytest
 import torch
 
 from kohonen_vae.geometry import Grid, as_grid, auto_grid_shape
+from references import reference_distance
 
 
 @pytest.mark.parametrize("k, shape", [(512, (32, 16)), (1024, (32, 32)), (256, (16, 16)), (128, (16, 8)),
@@ -127,7 +127,7 @@ def test_random_neighbors_picks_uniformly_among_the_brute_force_neighbours(grid)
     out = grid.random_neighbors(ks.view(-1, 400), g).flatten()  # any shape in, the same shape out
     for k in range(grid.size):
         # brute force: every j at grid distance 0 < d < 1.5 (divmod coordinates, explicit wrap-arounds)
-        nb = [j for j in range(grid.size) if 0 < _brute_distance(grid, k, j) < 1.5]
+        nb = [j for j in range(grid.size) if 0 < reference_distance(grid, k, j) < 1.5]
         got = out[ks == k]
         assert set(got.tolist()) == set(nb), (k, nb)
         freq = torch.bincount(got, minlength=grid.size)[nb].double() / 400
@@ -137,25 +137,8 @@ def test_random_neighbors_picks_uniformly_among_the_brute_force_neighbours(grid)
     idx = torch.tensor([0, 0, grid.size - 1])
     picked = grid.random_neighbors(idx, u=u)
     for i, (k, uk) in enumerate(zip(idx.tolist(), u.tolist())):
-        nb = [j for j in range(grid.size) if 0 < _brute_distance(grid, k, j) < 1.5]
+        nb = [j for j in range(grid.size) if 0 < reference_distance(grid, k, j) < 1.5]
         assert int(picked[i]) == nb[int(uk * len(nb))]
-
-
-def _brute_distance(grid, j, k):
-    def coords(i):
-        out = []
-        for s in grid.shape:
-            i, c = divmod(i, s)
-            out.append(c)
-        return out
-    cj, ck = coords(j), coords(k)
-    best = math.inf
-    for w in itertools.product(*[(-1, 0, 1) if grid.periodic else (0,)] * grid.ndim):
-        delta = [b - a + wi * s for a, b, wi, s in zip(cj, ck, w, grid.shape)]
-        if grid.topology == "hexagonal":
-            delta = [delta[0] + delta[1] / 2, delta[1] * math.sqrt(3) / 2]
-        best = min(best, math.sqrt(sum(v * v for v in delta)))
-    return best
 
 
 def test_random_neighbors_of_a_single_code_and_bad_input():

@@ -7,6 +7,7 @@ import torch
 from kohonen_vae.geometry import Grid
 from kohonen_vae.neighborhood import (ExponentialSchedule, HarmonicSchedule, make_neighborhood)
 from kohonen_vae.smoothing import GridSmoother
+from references import reference_distance
 
 TAU, SIGMA = 0.1, 10.0
 
@@ -25,28 +26,6 @@ def reference_weight(name, d, t, tau=TAU, sigma=SIGMA):
         width = sigma / (1.0 + tau * t)
         return math.exp(-d * d / (2 * width * width))
     raise AssertionError(name)
-
-
-def reference_distance(grid, j, k):
-    """Grid distance from coordinates computed with divmod (first axis fastest), independent of Grid."""
-    def coords(i):
-        out = []
-        for s in grid.shape:
-            i, c = divmod(i, s)
-            out.append(c)
-        return out
-
-    cj, ck = coords(j), coords(k)
-    best = math.inf
-    wraps = [(-1, 0, 1) if grid.periodic else (0,)] * grid.ndim
-    import itertools
-    for w in itertools.product(*wraps):
-        delta = [b - a + wi * s for a, b, wi, s in zip(cj, ck, w, grid.shape)]
-        if grid.topology == "hexagonal":
-            x, y = delta[0] + delta[1] / 2, delta[1] * math.sqrt(3) / 2
-            delta = [x, y]
-        best = min(best, math.sqrt(sum(v * v for v in delta)))
-    return best
 
 
 def reference_matrix(grid, name, t):

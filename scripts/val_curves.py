@@ -4,7 +4,7 @@
 
 The reproduce curves plot the training loss (MSE + commitment), which is not comparable across quantisers
 whose loss has no commitment term (FSQ); this plots the validation reconstruction MSE alone, on a log axis,
-with the first 10 % of the steps in a zoomed panel left and the rest right.
+with the first 20 % of the steps in the left panel and the rest, zoomed, in the right one.
 """
 import argparse
 import json
@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kohonen_vae.fileio import atomic_write_bytes  # noqa: E402
+from kohonen_vae.figures import save_figure  # noqa: E402
 
 
 def main() -> None:
@@ -28,17 +28,17 @@ def main() -> None:
     labels = args.labels or [Path(r).resolve().parent.name for r in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
+    evals = [json.loads((Path(run) / "summary.json").read_text())["evals"] for run in args.runs]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2]})
-    for run, label in zip(args.runs, labels):
-        evals = json.loads((Path(run) / "summary.json").read_text())["evals"]
-        steps = [s for s, _ in evals]
-        mse = [v * args.scale for _, v in evals]
+    for run_evals, label in zip(evals, labels):
+        steps = [s for s, _ in run_evals]
+        mse = [v * args.scale for _, v in run_evals]
         for ax in axes:
             ax.plot(steps, mse, marker=".", label=label)
-    last = max(s for r in args.runs for s, _ in json.loads((Path(r) / "summary.json").read_text())["evals"])
+    last = max(s for run_evals in evals for s, _ in run_evals)
     axes[0].set_xlim(0, last * 0.2)
     axes[1].set_xlim(last * 0.2, last)
-    lo = min(v * args.scale for r in args.runs for _, v in json.loads((Path(r) / "summary.json").read_text())["evals"])
+    lo = min(v * args.scale for run_evals in evals for _, v in run_evals)
     axes[1].set_ylim(lo * 0.97, lo * 1.25)
     for ax in axes:
         ax.set_xlabel("step")
@@ -49,11 +49,7 @@ def main() -> None:
     axes[1].set_title("the rest (zoomed)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(args.out, buf.getvalue())
+    save_figure(fig, args.out, dpi=110)
     print(f"wrote {args.out}")
 
 

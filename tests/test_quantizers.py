@@ -142,6 +142,22 @@ def test_call_convention_channel_last_and_image_fmap():
     assert torch.equal(vq.get_codes_from_indices(indices), quantized)
 
 
+@pytest.mark.parametrize("k,chunk", [(300, None), (512, None), (2500, None), (512, 1000)])
+def test_blocked_argmin_picks_the_first_nearest_code(k, chunk):
+    """The CPU's blocked argmin (K >= 4 x ARGMIN_BLOCK, K not a multiple of it for 300 and 2500) gives the
+    index of one addmm + argmin over the whole matrix, the float64 argmin, and the first code on ties."""
+    from kohonen_vae.quantizers.base import ARGMIN_BLOCK, nearest_codes
+    assert k >= 4 * ARGMIN_BLOCK
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(700, 5, generator=g), torch.randn(k, 5, generator=g)
+    w[k // 2] = w[3]  # a duplicated code: the first index wins, as in argmin
+    x[0] = w[3]
+    found = nearest_codes(x, w, chunk_elements=chunk)
+    assert torch.equal(found, torch.addmm(w.square().sum(1), x, w.t(), alpha=-2.0).argmin(1))
+    assert torch.equal(found, torch.cdist(x.double(), w.double()).argmin(1))
+    assert int(found[0]) == 3 and not bool((found == k // 2).any())
+
+
 @pytest.mark.parametrize("n,k,chunk", [(3000, 512, None), (3000, 512, 1), (257, 4096, None), (70, 3, 50),
                                          (1, 7, None)])
 def test_nearest_codes_matches_float64_cdist(n, k, chunk):

@@ -11,9 +11,7 @@ import torch
 from kohonen_vae.geometry import Grid
 from kohonen_vae.models.factory import ConfigError
 from kohonen_vae.metrics import quantization_errors
-from kohonen_vae.quantizers.base import nearest_codes
 from kohonen_vae.som import KohonenMap, NotFittedError, WidthSchedule, estimator, pca_codebook
-from kohonen_vae.som.estimator import nearest_units
 from kohonen_vae.som.cli import add_som_arguments, run_som
 from kohonen_vae.som.storage import MAP_JSON
 
@@ -181,18 +179,6 @@ def test_local_winner_search_matches_the_exact_one_on_an_ordered_map(monkeypatch
     exact = KohonenMap((12, 12), seed=0, progress=False).fit(x, epochs=12)
     local = KohonenMap((12, 12), seed=0, winner_search="local", progress=False).fit(x, epochs=12)
     np.testing.assert_allclose(local.codebook_.numpy(), exact.codebook_.numpy(), atol=1e-4)
-
-
-@pytest.mark.parametrize("k", [300, 512, 2500])
-def test_nearest_units_is_the_first_nearest_unit(k):
-    g = torch.Generator().manual_seed(k)
-    x, w = torch.randn(700, 5, generator=g), torch.randn(k, 5, generator=g)
-    w[k // 2] = w[3]  # a duplicated unit: the first index wins, as in nearest_codes and argmin
-    x[0] = w[3]
-    found = nearest_units(x, w)
-    assert torch.equal(found, nearest_codes(x, w))
-    assert torch.equal(found, torch.cdist(x.double(), w.double()).argmin(1))
-    assert int(found[0]) == 3 and not bool((found == k // 2).any())
 
 
 def test_topographic_error_does_not_grow_with_training():

@@ -1,7 +1,7 @@
 """``KohonenMap``: a stand-alone self-organising map (Kohonen's batch map) with scikit-learn conventions.
 
 Each update assigns rows ``x_j`` to their best-matching unit ``c(j) = argmin_k ||x_j - w_k||``
-(:func:`nearest_units`, the same ordering as :func:`~kohonen_vae.quantizers.base.nearest_codes`), keeps
+(:func:`~kohonen_vae.quantizers.base.nearest_codes`, the quantisers' winner search), keeps
 per-unit counts ``n_k`` and sums ``S_k = sum_{c(j)=k} x_j``, smooths them over the grid with the
 neighbourhood matrix ``P_t[k, l] = h_t(d(k, l))`` (:class:`~kohonen_vae.smoothing.GridSmoother`, the same
 convolution engine as the quantisers) and sets::
@@ -36,7 +36,7 @@ from ..geometry import Grid
 from ..metrics import code_usage, codebook_smoothness, quantization_errors, topographic_product, umatrix
 from ..errors import ConfigError
 from ..neighborhood import make_neighborhood
-from ..quantizers.base import distance_block_rows, nearest_codes
+from ..quantizers.base import nearest_codes
 from ..smoothing import METHODS, GridSmoother
 
 #: the kernels a stand-alone map accepts (both have a width ``sigma``)
@@ -61,49 +61,10 @@ FFT_RELATIVE_FLOOR = 1e-4
 
 #: updates per epoch of ``fit`` by default (see the module docstring; measured in docs/som.md)
 UPDATES_PER_EPOCH = 4
-#: the CPU winner search (:func:`nearest_units`) takes the minimum of every block of this many units with a
-#: vectorised ``amin``, then the argmin among the block minima and within the best block (measured on one
-#: thread: 0.3 ns per distance against 1.1-1.3 for ``argmin`` over 2,500 or 40,000 units)
-ARGMIN_BLOCK = 64
 
 
 class NotFittedError(ConfigError, AttributeError):
     """A :class:`KohonenMap` method that needs a fitted map was called before ``fit`` / ``partial_fit``."""
-
-
-# ------------------------------------------------------------------------------------------- winner search
-@torch.no_grad()
-def nearest_units(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``c(n) = argmin_k (||w_k||^2 - 2 x_n . w_k)`` in float32, the first such k on ties: the same contract
-    and the same distance blocks as :func:`~kohonen_vae.quantizers.base.nearest_codes`, with a faster argmin
-    on the CPU for maps of at least ``4 * ARGMIN_BLOCK`` units. There the codebook is padded to a multiple of
-    ``B = ARGMIN_BLOCK`` units with ``||w||^2 = +inf`` (never chosen), every block of B distances is reduced
-    by ``amin``, and ``c = B b* + argmin(block b*)`` with ``b*`` the first block holding the row's minimum.
-    Other devices and smaller maps use ``nearest_codes``."""
-    x = vectors.detach().float()
-    w = codebook.detach().float()
-    k = w.shape[0]
-    if x.device.type != "cpu" or k < 4 * ARGMIN_BLOCK or torch.compiler.is_compiling():
-        return nearest_codes(x, w)
-    b = ARGMIN_BLOCK
-    blocks = -(-k // b)
-    padded = blocks * b
-    w_sq = torch.cat([w.square().sum(1), torch.full((padded - k,), math.inf, device=w.device)])
-    w_t = torch.cat([w, torch.zeros(padded - k, w.shape[1], device=w.device)]).t()
-    n = x.shape[0]
-    rows = distance_block_rows(n, padded)
-    out = torch.empty(n, dtype=torch.long, device=x.device)
-    buffer = torch.empty(min(rows, n), padded, dtype=torch.float32, device=x.device)
-    index = torch.arange(min(rows, n), device=x.device)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        d = buffer[: stop - start]
-        torch.addmm(w_sq, x[start:stop], w_t, alpha=-2.0, out=d)
-        grouped = d.view(stop - start, blocks, b)
-        best_block = grouped.amin(2).argmin(1)
-        inner = grouped[index[: stop - start], best_block].argmin(1)
-        out[start:stop] = best_block * b + inner
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ schedule
@@ -518,7 +479,7 @@ class KohonenMap:
         rows = max(1, CHUNK_ELEMENTS // (d * (LOCAL_SEARCH_RADIUS * 2 + 1) ** self.grid_.ndim if local else d))
         for s in range(0, X.shape[0], rows):
             x = X[s:s + rows]
-            idx = self._local_winners(x, w, previous[s:s + rows]) if local else nearest_units(x, w)
+            idx = self._local_winners(x, w, previous[s:s + rows]) if local else nearest_codes(x, w)
             winners[s:s + rows] = idx
             error += (x - w[idx]).norm(dim=1).double().sum()
         return winners, float(error)
@@ -583,7 +544,7 @@ class KohonenMap:
             delta = torch.minimum(delta, sizes - delta)
         edge = (delta > r - 1).any(1)
         if bool(edge.any()):
-            best[edge] = nearest_units(x[edge], w)
+            best[edge] = nearest_codes(x[edge], w)
         return best
 
     def fit(self, X, y=None, epochs=None, batch_size=None) -> "KohonenMap":
@@ -657,13 +618,13 @@ class KohonenMap:
     def predict(self, X):
         """Best-matching unit ``argmin_k ||x - w_k||`` of every row: int64 ``(N,)`` (numpy for numpy input,
         a tensor on the input's device for tensor input)."""
-        return _output_like(X, nearest_units(self._data(X), self.codebook_))
+        return _output_like(X, nearest_codes(self._data(X), self.codebook_))
 
     @torch.no_grad()
     def transform(self, X):
         """Grid coordinates ``(N, d)`` int64 of every row's best-matching unit (axial coordinates on a
         hexagonal map), i.e. ``grid_.index_to_coords(predict(X))``."""
-        idx = nearest_units(self._data(X), self.codebook_)
+        idx = nearest_codes(self._data(X), self.codebook_)
         return _output_like(X, self.grid_.index_to_coords(idx.cpu()))
 
     def fit_predict(self, X, y=None, **fit_params):
@@ -677,7 +638,7 @@ class KohonenMap:
     @torch.no_grad()
     def hit_counts(self, X):
         """Rows of ``X`` per unit (the hit map): ``(K,)`` int64, numpy or tensor like the input."""
-        idx = nearest_units(self._data(X), self.codebook_)
+        idx = nearest_codes(self._data(X), self.codebook_)
         return _output_like(X, torch.bincount(idx, minlength=self.grid_.size))
 
     def quantization_error(self, X) -> float:
@@ -717,7 +678,7 @@ class KohonenMap:
         units); see :mod:`kohonen_vae.metrics`."""
         data = self._data(X)
         out = dict(quantization_errors(data, self.codebook_, self.grid_))
-        idx = nearest_units(data, self.codebook_)
+        idx = nearest_codes(data, self.codebook_)
         usage = code_usage(torch.bincount(idx, minlength=self.grid_.size))
         out.update(perplexity=usage["perplexity"], used_units=usage["used_codes"],
                    dead_fraction=usage["dead_fraction"], n_samples=int(data.shape[0]),

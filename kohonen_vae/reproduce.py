@@ -524,6 +524,8 @@ def step_times(experiment: str, runs, root: Path, log=print) -> dict:
     """``{label: ms per training step}``: one config per variant, measured side by side in one process
     (:func:`kohonen_vae.steptime.interleaved_step_times`) on real training images; cached in
     ``root/step_times.json`` (delete it to measure again)."""
+    import torch
+
     from .data import splits_from_config
     from .fileio import atomic_write_json
     from .steptime import interleaved_step_times
@@ -541,17 +543,11 @@ def step_times(experiment: str, runs, root: Path, log=print) -> dict:
     first = next(iter(configs.values()))
     splits = splits_from_config(first["data"])
     log(f"measuring training-step times of {len(configs)} configurations side by side ...")
-    threads = torch_threads()
+    threads = torch.get_num_threads()
     times = interleaved_step_times(configs, splits.train.images[:512], splits.normalizer, progress=True)
     atomic_write_json(cache_path, {"threads": threads, "times": times,
                                    "note": "median over 12 interleaved rounds of 4 steps, after 3 warm-up steps"})
     return {k: v["ms_per_step"] for k, v in times.items()}
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 def organisation_columns(experiment: str, runs, rows, root: Path, log=print) -> None:
